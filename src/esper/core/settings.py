@@ -1,0 +1,215 @@
+"""Process configuration read from the environment and ``.env``.
+
+Every field is bound to the environment name used by esper-lite v1 and may
+also be passed by its Python name (``EsperSettings(redis_url=...)``), which
+tests and embedding applications rely on. Secrets are ``SecretStr`` so that
+``repr``, ``masked()`` and validation errors never contain them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from esper.core.errors import ConfigError
+
+SECRET_ENV = "ESPER_LEYLINE_SECRET"
+PREVIOUS_SECRETS_ENV = "ESPER_LEYLINE_PREVIOUS_SECRETS"
+MASK = "***"
+_REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
+_SQL_SCHEMES = ("sqlite", "postgresql")
+
+
+def _env(name: str) -> Any:
+    """Bind a field to its environment name while still accepting the field name."""
+    return AliasChoices(name)
+
+
+class EsperSettings(BaseSettings):
+    """Settings shared by every Esper-Lite process."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        case_sensitive=True,
+        extra="ignore",
+        frozen=True,
+        validate_by_name=True,
+        validate_by_alias=True,
+        hide_input_in_errors=True,
+    )
+
+    redis_url: str | None = Field(default=None, validation_alias=_env("REDIS_URL"))
+    oona_normal_stream: str = Field(default="oona.normal", validation_alias=_env("OONA_NORMAL_STREAM"))
+    oona_emergency_stream: str = Field(
+        default="oona.emergency", validation_alias=_env("OONA_EMERGENCY_STREAM")
+    )
+    oona_telemetry_stream: str = Field(
+        default="oona.telemetry", validation_alias=_env("OONA_TELEMETRY_STREAM")
+    )
+    oona_policy_stream: str = Field(default="oona.policy", validation_alias=_env("OONA_POLICY_STREAM"))
+    oona_message_ttl_ms: int | None = Field(
+        default=900_000, ge=0, validation_alias=_env("OONA_MESSAGE_TTL_MS")
+    )
+    oona_max_stream_length: int = Field(default=10_000, ge=1, validation_alias=_env("OONA_MAX_STREAM_LENGTH"))
+    oona_consumer_name: str | None = Field(default=None, validation_alias=_env("OONA_CONSUMER_NAME"))
+    kernel_freshness_window_ms: int = Field(
+        default=60_000, gt=0, validation_alias=_env("KERNEL_FRESHNESS_WINDOW_MS")
+    )
+    kernel_nonce_cache_size: int = Field(default=4096, ge=1, validation_alias=_env("KERNEL_NONCE_CACHE_SIZE"))
+    prometheus_pushgateway: str = Field(
+        default="http://localhost:9091", validation_alias=_env("PROMETHEUS_PUSHGATEWAY")
+    )
+    elasticsearch_url: str = Field(
+        default="http://localhost:9200", validation_alias=_env("ELASTICSEARCH_URL")
+    )
+    leyline_schema_dir: str = Field(
+        default="./contracts/leyline", validation_alias=_env("LEYLINE_SCHEMA_DIR")
+    )
+    leyline_namespace: str = Field(
+        default="esper.leyline.v1", validation_alias=_env("LEYLINE_DEFAULT_NAMESPACE")
+    )
+    leyline_secret: SecretStr | None = Field(default=None, validation_alias=_env(SECRET_ENV))
+    leyline_previous_secrets: SecretStr | None = Field(
+        default=None, validation_alias=_env(PREVIOUS_SECRETS_ENV)
+    )
+    tamiyo_policy_dir: Path = Field(
+        default=Path("./var/tamiyo/policies"), validation_alias=_env("TAMIYO_POLICY_DIR")
+    )
+    tamiyo_conservative_mode: bool = Field(default=False, validation_alias=_env("TAMIYO_CONSERVATIVE_MODE"))
+    tamiyo_field_report_retention_hours: float = Field(
+        default=24, gt=0, validation_alias=_env("TAMIYO_FIELD_REPORT_RETENTION_HOURS")
+    )
+    urza_database_url: str = Field(
+        default="sqlite:///./var/urza/catalog.db", validation_alias=_env("URZA_DATABASE_URL")
+    )
+    urza_artifact_dir: Path = Field(
+        default=Path("./var/urza/artifacts"), validation_alias=_env("URZA_ARTIFACT_DIR")
+    )
+    urza_cache_ttl_seconds: float | None = Field(
+        default=None, gt=0, validation_alias=_env("URZA_CACHE_TTL_SECONDS")
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        default="INFO", validation_alias=_env("ESP_LOG_LEVEL")
+    )
+    log_format: Literal["json", "console"] = Field(default="console", validation_alias=_env("ESP_LOG_FORMAT"))
+    var_dir: Path = Field(default=Path("./var"), validation_alias=_env("ESPER_VAR_DIR"))
+    weatherlight_telemetry_interval_s: float = Field(
+        default=10.0, gt=0, validation_alias=_env("WEATHERLIGHT_TELEMETRY_INTERVAL_S")
+    )
+    weatherlight_http_host: str = Field(default="127.0.0.1", validation_alias=_env("WEATHERLIGHT_HTTP_HOST"))
+    weatherlight_http_port: int = Field(
+        default=9101, ge=0, le=65535, validation_alias=_env("WEATHERLIGHT_HTTP_PORT")
+    )
+    weatherlight_shutdown_timeout_s: float = Field(
+        default=10.0, gt=0, validation_alias=_env("WEATHERLIGHT_SHUTDOWN_TIMEOUT_S")
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower_format(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _blank_redis_is_embedded(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in _REDIS_SCHEMES or (parts.scheme != "unix" and not parts.hostname):
+                raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @field_validator("urza_database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        if value.split(":", 1)[0].split("+", 1)[0] not in _SQL_SCHEMES:
+            raise ValueError("must be a sqlite:/// or postgresql:// URL")
+        return value
+
+    # -- secrets -----------------------------------------------------------------
+
+    def signing_secrets(self) -> tuple[bytes, tuple[bytes, ...]]:
+        """Return the primary secret and the previous ones accepted during rotation.
+
+        Raises ``ConfigError`` naming the variable when the primary secret is
+        missing or blank: nothing on the bus may be sent or accepted unsigned.
+        """
+        primary = self.leyline_secret.get_secret_value() if self.leyline_secret else ""
+        if not primary.strip():
+            raise ConfigError([f"{SECRET_ENV} is missing or empty; set it to a long random value"])
+        raw_previous = (
+            self.leyline_previous_secrets.get_secret_value() if self.leyline_previous_secrets else ""
+        )
+        previous = tuple(item.strip().encode() for item in raw_previous.split(",") if item.strip())
+        return primary.encode(), previous
+
+    # -- derived values ------------------------------------------------------------
+
+    def consumer_name(self, prefix: str) -> str:
+        """A consumer name unique to this process, so replicas split work instead of colliding."""
+        if self.oona_consumer_name:
+            return self.oona_consumer_name
+        host = socket.gethostname().replace(" ", "-")
+        return f"{prefix}-{host}-{os.getpid()}"
+
+    def masked(self) -> dict[str, Any]:
+        """Every setting by environment name, secrets replaced by ``***``; safe to log."""
+        view: dict[str, Any] = {}
+        for name, info in type(self).model_fields.items():
+            alias = info.validation_alias
+            env_name = alias.choices[0] if isinstance(alias, AliasChoices) else name
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                view[str(env_name)] = MASK
+            elif isinstance(value, Path):
+                view[str(env_name)] = str(value)
+            else:
+                view[str(env_name)] = value
+        return view
+
+    def __repr_args__(self) -> Any:  # pragma: no cover - exercised through repr()
+        return [(k, MASK if isinstance(v, SecretStr) else v) for k, v in super().__repr_args__()]
+
+
+def _env_name(field: str) -> str:
+    info = EsperSettings.model_fields.get(field)
+    if info is not None and isinstance(info.validation_alias, AliasChoices):
+        return str(info.validation_alias.choices[0])
+    return field
+
+
+def load_settings(*, require_secret: bool = False, **overrides: Any) -> EsperSettings:
+    """Build settings, turning validation failures into one ``ConfigError``.
+
+    The error lists every bad variable by its environment name with the
+    reason, never the value, so secrets cannot leak through it.
+    """
+    try:
+        settings = EsperSettings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_input=False, include_url=False, include_context=False):
+            field = str(err["loc"][0]) if err["loc"] else "settings"
+            problems.append(f"{_env_name(field)}: {err['msg']}")
+        raise ConfigError(problems) from None
+    if require_secret:
+        settings.signing_secrets()
+    return settings

@@ -1,0 +1,68 @@
+"""One-call construction of Leyline ``TelemetryPacket``s.
+
+Every subsystem reports through the same packet shape; building it in one
+place keeps metric units, event numbering and health fields consistent.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from esper.leyline import leyline_pb2
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryMetric:
+    name: str
+    value: float
+    unit: str = ""
+    attributes: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryEvent:
+    description: str
+    level: leyline_pb2.TelemetryLevel.ValueType = leyline_pb2.TELEMETRY_LEVEL_INFO
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    event_id: str | None = None
+
+
+def build_telemetry_packet(
+    *,
+    source: str,
+    metrics: Iterable[TelemetryMetric] = (),
+    events: Iterable[TelemetryEvent] = (),
+    level: leyline_pb2.TelemetryLevel.ValueType = leyline_pb2.TELEMETRY_LEVEL_INFO,
+    health_status: leyline_pb2.HealthStatus.ValueType = leyline_pb2.HEALTH_STATUS_HEALTHY,
+    health_summary: str = "",
+    health_indicators: Mapping[str, str] | None = None,
+    packet_id: str | None = None,
+    timestamp: datetime | None = None,
+) -> leyline_pb2.TelemetryPacket:
+    """Build a packet; ids default to ``<source>-<uuid4 hex>`` and ``evt-<n>``."""
+    packet = leyline_pb2.TelemetryPacket(
+        packet_id=packet_id or f"{source}-{uuid.uuid4().hex}",
+        source_subsystem=source,
+        level=level,
+    )
+    packet.timestamp.FromDatetime(timestamp or datetime.now(UTC))
+    for metric in metrics:
+        point = packet.metrics.add(name=metric.name, value=float(metric.value))
+        if metric.unit:
+            point.unit = metric.unit
+        point.attributes.update(metric.attributes)
+    for index, event in enumerate(events, start=1):
+        proto_event = packet.events.add(
+            event_id=event.event_id or f"evt-{index}",
+            description=event.description,
+            level=event.level,
+        )
+        proto_event.attributes.update(event.attributes)
+    packet.system_health.status = health_status
+    packet.system_health.summary = health_summary
+    if health_indicators:
+        packet.system_health.indicators.update(health_indicators)
+    return packet

@@ -1,0 +1,153 @@
+"""Settings bind v1 environment names, accept keyword arguments and never leak secrets."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from esper.core import ConfigError, EsperSettings, configure_logging, get_logger, load_settings
+
+SECRET = "s3cr3t-value-that-must-never-appear"
+OLD_SECRET = "old-secret-value-also-hidden"
+
+
+def test_defaults_match_reference(isolated_env: Path) -> None:
+    settings = EsperSettings()
+    assert settings.redis_url is None  # the embedded server is the default
+    assert settings.oona_normal_stream == "oona.normal"
+    assert settings.oona_emergency_stream == "oona.emergency"
+    assert settings.oona_telemetry_stream == "oona.telemetry"
+    assert settings.oona_policy_stream == "oona.policy"
+    assert settings.oona_message_ttl_ms == 900_000
+    assert settings.kernel_freshness_window_ms == 60_000
+    assert settings.kernel_nonce_cache_size == 4096
+    assert settings.tamiyo_field_report_retention_hours == 24
+    assert settings.urza_database_url == "sqlite:///./var/urza/catalog.db"
+    assert settings.urza_artifact_dir == Path("./var/urza/artifacts")
+    assert settings.log_level == "INFO"
+    assert settings.weatherlight_telemetry_interval_s == 10
+    assert settings.weatherlight_http_host == "127.0.0.1"
+    assert settings.weatherlight_http_port == 9101
+    assert settings.weatherlight_shutdown_timeout_s == 10
+
+
+def test_environment_names_bind(isolated_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_URL", "redis://example:6380/2")
+    monkeypatch.setenv("KERNEL_FRESHNESS_WINDOW_MS", "1234")
+    monkeypatch.setenv("TAMIYO_CONSERVATIVE_MODE", "true")
+    monkeypatch.setenv("ESP_LOG_LEVEL", "debug")
+    settings = EsperSettings()
+    assert settings.redis_url == "redis://example:6380/2"
+    assert settings.kernel_freshness_window_ms == 1234
+    assert settings.tamiyo_conservative_mode is True
+    assert settings.log_level == "DEBUG"
+
+
+def test_keyword_arguments_take_effect(isolated_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_URL", "redis://from-env:6379/0")
+    settings = EsperSettings(redis_url="redis://from-kwargs:6379/0", urza_artifact_dir=isolated_env / "a")
+    assert settings.redis_url == "redis://from-kwargs:6379/0"
+    assert settings.urza_artifact_dir == isolated_env / "a"
+
+
+def test_dotenv_is_read(isolated_env: Path) -> None:
+    (isolated_env / ".env").write_text("OONA_NORMAL_STREAM=custom.normal\n")
+    assert EsperSettings().oona_normal_stream == "custom.normal"
+
+
+def test_secrets_are_masked_everywhere(
+    isolated_env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("ESPER_LEYLINE_SECRET", SECRET)
+    monkeypatch.setenv("ESPER_LEYLINE_PREVIOUS_SECRETS", f"{OLD_SECRET}, another-old")
+    settings = EsperSettings()
+    primary, previous = settings.signing_secrets()
+    assert primary == SECRET.encode()
+    assert previous == (OLD_SECRET.encode(), b"another-old")
+    masked = settings.masked()
+    assert masked["ESPER_LEYLINE_SECRET"] == "***"
+    assert masked["ESPER_LEYLINE_PREVIOUS_SECRETS"] == "***"
+    rendered = [repr(settings), str(settings), str(masked), settings.model_dump_json()]
+    for text in rendered:
+        assert SECRET not in text
+        assert OLD_SECRET not in text
+    configure_logging("DEBUG", "json")
+    get_logger("test").info("settings", settings=settings.masked(), obj=settings)
+    logging.getLogger("stdlib").error("settings %r", settings)
+    logged = capsys.readouterr().err
+    assert logged.count("ESPER_LEYLINE_SECRET") == 1
+    assert "leyline_secret" in logged
+    assert SECRET not in logged
+    assert OLD_SECRET not in logged
+
+
+def test_validation_errors_name_variable_not_value(
+    isolated_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ESPER_LEYLINE_SECRET", SECRET)
+    monkeypatch.setenv("REDIS_URL", f"http://{SECRET}@host")
+    monkeypatch.setenv("WEATHERLIGHT_HTTP_PORT", SECRET)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    message = str(info.value)
+    assert "REDIS_URL" in message
+    assert "WEATHERLIGHT_HTTP_PORT" in message
+    assert SECRET not in message
+    assert SECRET not in repr(info.value)
+    assert info.value.__cause__ is None
+
+
+@pytest.mark.parametrize("value", [None, "", "   "])
+def test_missing_or_empty_secret_is_a_clear_error(
+    isolated_env: Path, monkeypatch: pytest.MonkeyPatch, value: str | None
+) -> None:
+    if value is not None:
+        monkeypatch.setenv("ESPER_LEYLINE_SECRET", value)
+    with pytest.raises(ConfigError, match="ESPER_LEYLINE_SECRET"):
+        load_settings(require_secret=True)
+
+
+def _run_config(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", "from esper.core.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", **env},
+        cwd=cwd,
+        check=False,
+    )
+
+
+def test_cli_reports_bad_settings_without_traceback(isolated_env: Path) -> None:
+    result = _run_config({"ESPER_LEYLINE_SECRET": SECRET, "REDIS_URL": "nonsense"}, isolated_env)
+    assert result.returncode == 2
+    assert "REDIS_URL" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert SECRET not in result.stderr + result.stdout
+
+
+def test_cli_missing_secret_exits_nonzero(isolated_env: Path) -> None:
+    result = _run_config({}, isolated_env, "--require-secret")
+    assert result.returncode == 2
+    assert "ESPER_LEYLINE_SECRET" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_prints_masked_settings(isolated_env: Path) -> None:
+    result = _run_config({"ESPER_LEYLINE_SECRET": SECRET}, isolated_env, "--require-secret")
+    assert result.returncode == 0, result.stderr
+    assert '"ESPER_LEYLINE_SECRET": "***"' in result.stdout
+    assert SECRET not in result.stdout
+
+
+def test_env_example_documents_every_variable() -> None:
+    example = (Path(__file__).resolve().parents[2] / ".env.example").read_text()
+    for info in EsperSettings.model_fields.values():
+        alias = info.validation_alias
+        names = getattr(alias, "choices", [])
+        assert names, "every setting is bound to an environment name"
+        assert f"{names[0]}=" in example, f"{names[0]} missing from .env.example"
