@@ -1,0 +1,1 @@
+"""Weatherlight: the service that composes and supervises Esper-Lite's workers."""
