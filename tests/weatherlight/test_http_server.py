@@ -152,12 +152,15 @@ async def test_idle_connection_times_out_with_400_and_stop_closes_open_ones() ->
     assert data.startswith(b"HTTP/1.1 400 ")
     writer.close()
     await writer.wait_closed()
-    _, idle = await asyncio.open_connection("127.0.0.1", srv.port)
+    port = srv.port
+    idle_reader, idle = await asyncio.open_connection("127.0.0.1", port)
     await asyncio.sleep(0.01)
     await asyncio.wait_for(srv.stop(), 5)  # an idle client does not hold up stop()
+    assert await asyncio.wait_for(idle_reader.read(), 5) == b""  # the server closed it
     idle.close()
+    await idle.wait_closed()
     with pytest.raises(ConnectionRefusedError):
-        await asyncio.open_connection("127.0.0.1", srv.port)
+        await asyncio.open_connection("127.0.0.1", port)
 
 
 async def test_from_settings_binds_configured_host() -> None:
