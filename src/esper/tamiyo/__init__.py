@@ -1,0 +1,52 @@
+"""Tamiyo: the controller that decides how the host model grows.
+
+Bus-independent core: the Weatherlight service feeds SystemStatePackets to
+:class:`TamiyoController` and publishes the signed commands, telemetry and
+field reports it returns; policy updates go through
+:meth:`TamiyoController.apply_policy_update`. Offline training lives in
+:mod:`esper.tamiyo.simic`.
+"""
+
+from esper.tamiyo.controller import ControllerConfig, Decision, TamiyoController
+from esper.tamiyo.features import FEATURE_DIM, FEATURE_NAMES, extract_features
+from esper.tamiyo.field_reports import FieldReportStore, generate_field_report
+from esper.tamiyo.metadata import BlueprintMetadataSource, CachedBlueprintMetadata, StaticBlueprintMetadata
+from esper.tamiyo.payload import PayloadError, decode_payload
+from esper.tamiyo.policy import (
+    DEFAULT_BLUEPRINT_CANDIDATES,
+    PolicyAction,
+    PolicyConfig,
+    PolicyOutput,
+    TamiyoPolicy,
+)
+from esper.tamiyo.registry import (
+    PolicyUpdateResult,
+    TamiyoPolicyRegistry,
+    encode_policy,
+    policy_version_of,
+)
+
+__all__ = [
+    "DEFAULT_BLUEPRINT_CANDIDATES",
+    "FEATURE_DIM",
+    "FEATURE_NAMES",
+    "BlueprintMetadataSource",
+    "CachedBlueprintMetadata",
+    "ControllerConfig",
+    "Decision",
+    "FieldReportStore",
+    "PayloadError",
+    "PolicyAction",
+    "PolicyConfig",
+    "PolicyOutput",
+    "PolicyUpdateResult",
+    "StaticBlueprintMetadata",
+    "TamiyoController",
+    "TamiyoPolicy",
+    "TamiyoPolicyRegistry",
+    "decode_payload",
+    "encode_policy",
+    "extract_features",
+    "generate_field_report",
+    "policy_version_of",
+]

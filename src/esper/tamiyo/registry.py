@@ -1,0 +1,282 @@
+"""Accepting or rejecting policy updates, and resuming the last accepted policy.
+
+Rules (weakness 31 — the anchor took any pickle, any version, ``strict=False``):
+
+* **Version.** The monotonic policy version is ``int(update.tamiyo_policy_version)``
+  when that string is set (decimal digits only), otherwise ``update.version``.
+  (Leyline's ``version`` fields elsewhere carry the schema version, so the
+  explicit string wins; Simic sets both to the same number.) It must be
+  strictly greater than the version in force: ``stale_version`` otherwise.
+* **Freshness** (optional, ``max_age_s``): ``missing_timestamp``,
+  ``stale_update`` or ``issued_in_future``. The bus already checks signature
+  and freshness; this is defence in depth for callers outside the bus.
+* **Payload** must be safetensors (:mod:`esper.tamiyo.payload`):
+  ``unsafe_payload`` for pickles, ``malformed_payload`` for anything else.
+* **Interface**: keys exactly equal (``key_mismatch``), shapes
+  (``shape_mismatch``), dtypes (``dtype_mismatch``), recorded candidate list
+  when present (``candidate_mismatch``), all values finite (``non_finite``).
+
+An accepted update is loaded into a *fresh* policy with
+``load_state_dict(strict=True)``, persisted atomically to the policy
+directory, and only then swapped in, so a rejection or a failed write leaves
+the running policy byte-identical and a restart resumes the newest policy.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from esper.core import EsperSettings, get_logger
+from esper.leyline import leyline_pb2
+from esper.tamiyo._fs import atomic_write_bytes
+from esper.tamiyo.payload import PayloadError, decode_payload, encode_tensors
+from esper.tamiyo.policy import PolicyConfig, TamiyoPolicy
+
+_LOG = get_logger(__name__)
+_FILE_RE = re.compile(r"^tamiyo-policy-v(\d{10})\.safetensors$")
+#: Tolerated clock skew for updates stamped slightly in the future.
+FUTURE_SKEW_S = 5.0
+
+META_VERSION = "tamiyo_policy_version"
+META_POLICY_ID = "policy_id"
+META_RUN_ID = "training_run_id"
+META_CANDIDATES = "blueprint_candidates"
+
+
+@dataclass(frozen=True)
+class PolicyUpdateResult:
+    """Outcome of one update; ``reason`` is ``"accepted"`` or a rejection code."""
+
+    accepted: bool
+    reason: str
+    #: Version in force after the call.
+    current_version: int
+    #: Version the update claimed (None when it could not be read).
+    update_version: int | None = None
+    detail: str = ""
+
+
+class PolicyRejected(Exception):
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def policy_version_of(update: leyline_pb2.PolicyUpdate) -> int:
+    """The monotonic version an update claims (see the module docstring)."""
+    label = update.tamiyo_policy_version.strip()
+    if label:
+        if not label.isdigit():
+            raise PolicyRejected("malformed_version", f"tamiyo_policy_version {label!r} is not an integer")
+        return int(label)
+    if update.version == 0:
+        raise PolicyRejected("malformed_version", "neither tamiyo_policy_version nor version is set")
+    return int(update.version)
+
+
+def policy_metadata(
+    policy: TamiyoPolicy, version: int, policy_id: str, training_run_id: str = ""
+) -> dict[str, str]:
+    """Header metadata stored with every serialized policy."""
+    return {
+        META_VERSION: str(version),
+        META_POLICY_ID: policy_id,
+        META_RUN_ID: training_run_id,
+        META_CANDIDATES: json.dumps(list(policy.blueprint_candidates)),
+    }
+
+
+def encode_policy(policy: TamiyoPolicy, version: int, policy_id: str, training_run_id: str = "") -> bytes:
+    """The safetensors payload for ``policy`` (what a PolicyUpdate carries)."""
+    return encode_tensors(policy.state_dict(), policy_metadata(policy, version, policy_id, training_run_id))
+
+
+def validate_tensors(
+    reference: TamiyoPolicy, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+) -> None:
+    """Raise :class:`PolicyRejected` unless ``tensors`` fit ``reference`` exactly."""
+    expected = reference.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise PolicyRejected("key_mismatch", f"missing={missing} unexpected={unexpected}")
+    for key, ref in expected.items():
+        got = tensors[key]
+        if tuple(got.shape) != tuple(ref.shape):
+            raise PolicyRejected("shape_mismatch", f"{key}: {tuple(got.shape)} != {tuple(ref.shape)}")
+        if got.dtype != ref.dtype:
+            raise PolicyRejected("dtype_mismatch", f"{key}: {got.dtype} != {ref.dtype}")
+        if not bool(torch.isfinite(got).all()):
+            raise PolicyRejected("non_finite", f"{key} holds NaN or infinite values")
+    recorded = metadata.get(META_CANDIDATES)
+    if recorded is not None:
+        try:
+            candidates = json.loads(recorded)
+        except json.JSONDecodeError:
+            raise PolicyRejected("malformed_payload", "blueprint_candidates metadata is not JSON") from None
+        if candidates != list(reference.blueprint_candidates):
+            raise PolicyRejected(
+                "candidate_mismatch",
+                f"payload candidates {candidates} != {list(reference.blueprint_candidates)}",
+            )
+
+
+class TamiyoPolicyRegistry:
+    """Holds the policy in force and its version; the only way to change either."""
+
+    def __init__(
+        self,
+        policy: TamiyoPolicy | None = None,
+        *,
+        policy_dir: Path | None = None,
+        version: int = 0,
+        policy_id: str = "tamiyo-default",
+        clock: Callable[[], float] = time.time,
+        keep_files: int = 3,
+    ) -> None:
+        self._policy = policy if policy is not None else TamiyoPolicy()
+        self._policy.eval()
+        self._policy_dir = policy_dir
+        self._version = version
+        self._policy_id = policy_id
+        self._clock = clock
+        self._keep_files = max(1, keep_files)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: EsperSettings,
+        config: PolicyConfig | None = None,
+        *,
+        policy_id: str = "tamiyo-default",
+        clock: Callable[[], float] = time.time,
+    ) -> TamiyoPolicyRegistry:
+        """A registry persisting to ``settings.tamiyo_policy_dir``, resumed from it."""
+        registry = cls(
+            TamiyoPolicy(config),
+            policy_dir=Path(settings.tamiyo_policy_dir),
+            policy_id=policy_id,
+            clock=clock,
+        )
+        registry.resume()
+        return registry
+
+    @property
+    def policy(self) -> TamiyoPolicy:
+        return self._policy
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
+    def policy_id(self) -> str:
+        return self._policy_id
+
+    @property
+    def policy_dir(self) -> Path | None:
+        return self._policy_dir
+
+    def apply(
+        self, update: leyline_pb2.PolicyUpdate, *, max_age_s: float | None = None
+    ) -> PolicyUpdateResult:
+        """Validate and (only if everything passes) install ``update``."""
+        with self._lock:
+            claimed: int | None = None
+            try:
+                claimed = policy_version_of(update)
+                if claimed <= self._version:
+                    raise PolicyRejected("stale_version", f"version {claimed} <= current {self._version}")
+                if max_age_s is not None:
+                    self._check_freshness(update, max_age_s)
+                try:
+                    tensors, metadata = decode_payload(update.payload)
+                except PayloadError as exc:
+                    raise PolicyRejected(exc.reason, exc.detail) from None
+                validate_tensors(self._policy, tensors, metadata)
+                candidate = TamiyoPolicy(self._policy.config)
+                candidate.load_state_dict(tensors, strict=True)
+                candidate.eval()
+                policy_id = update.policy_id or self._policy_id
+                try:
+                    self._persist(candidate, claimed, policy_id, update.training_run_id)
+                except OSError as exc:
+                    raise PolicyRejected("persist_failed", str(exc)) from None
+            except PolicyRejected as exc:
+                _LOG.warning(
+                    "tamiyo.policy_update_rejected",
+                    reason=exc.reason,
+                    detail=exc.detail,
+                    update_version=claimed,
+                    current_version=self._version,
+                )
+                return PolicyUpdateResult(False, exc.reason, self._version, claimed, exc.detail)
+            self._policy = candidate
+            self._version = claimed
+            self._policy_id = policy_id
+            _LOG.info("tamiyo.policy_update_accepted", version=claimed, policy_id=policy_id)
+            return PolicyUpdateResult(True, "accepted", claimed, claimed)
+
+    def _check_freshness(self, update: leyline_pb2.PolicyUpdate, max_age_s: float) -> None:
+        if not update.HasField("issued_at") or update.issued_at.ToNanoseconds() == 0:
+            raise PolicyRejected("missing_timestamp", "issued_at is not set")
+        age = self._clock() - update.issued_at.ToNanoseconds() / 1e9
+        if age > max_age_s:
+            raise PolicyRejected("stale_update", f"issued {age:.1f}s ago (max {max_age_s}s)")
+        if age < -FUTURE_SKEW_S:
+            raise PolicyRejected("issued_in_future", f"issued {-age:.1f}s in the future")
+
+    def _persist(self, policy: TamiyoPolicy, version: int, policy_id: str, run_id: str) -> None:
+        if self._policy_dir is None:
+            return
+        path = self._policy_dir / f"tamiyo-policy-v{version:010d}.safetensors"
+        atomic_write_bytes(path, encode_policy(policy, version, policy_id, run_id))
+        for old in self._persisted()[self._keep_files :]:
+            old[1].unlink(missing_ok=True)
+
+    def _persisted(self) -> list[tuple[int, Path]]:
+        """Persisted policy files, newest version first."""
+        if self._policy_dir is None or not self._policy_dir.is_dir():
+            return []
+        found = []
+        for path in self._policy_dir.iterdir():
+            match = _FILE_RE.match(path.name)
+            if match:
+                found.append((int(match.group(1)), path))
+        return sorted(found, reverse=True)
+
+    def resume(self) -> bool:
+        """Load the newest valid persisted policy newer than the current one.
+
+        Files that fail validation (corrupt, wrong architecture) are logged
+        and skipped, never deleted, so an operator can inspect them.
+        """
+        with self._lock:
+            for version, path in self._persisted():
+                if version <= self._version:
+                    break
+                try:
+                    tensors, metadata = decode_payload(path.read_bytes())
+                    validate_tensors(self._policy, tensors, metadata)
+                except (OSError, PayloadError, PolicyRejected) as exc:
+                    _LOG.warning("tamiyo.policy_file_skipped", path=str(path), error=str(exc))
+                    continue
+                policy = TamiyoPolicy(self._policy.config)
+                policy.load_state_dict(tensors, strict=True)
+                policy.eval()
+                self._policy = policy
+                self._version = version
+                self._policy_id = metadata.get(META_POLICY_ID) or self._policy_id
+                _LOG.info("tamiyo.policy_resumed", version=version, path=str(path))
+                return True
+            return False
