@@ -367,3 +367,23 @@ async def test_duplicate_names_are_rejected() -> None:
     with pytest.raises(ValueError, match="duplicate"):
         await sup.start([WorkerSpec("a", forever), WorkerSpec("a", forever)])
     await sup.shutdown(1)
+
+
+async def test_status_is_starting_until_ready_and_drain_errors_are_recorded() -> None:
+    sup = Supervisor(FAST)
+    seen: list[str] = []
+
+    async def slow_boot(ctx: WorkerContext) -> None:
+        await asyncio.sleep(0.01)
+        seen.append(sup.worker(ctx.name)["status"])
+        ctx.mark_ready()
+        seen.append(sup.worker(ctx.name)["status"])
+        await ctx.stopping.wait()
+        raise RuntimeError("flush failed while draining")
+
+    await sup.start([WorkerSpec("w", slow_boot, wait_ready=True)])
+    assert seen == ["starting", "running"]
+    result = await sup.shutdown(2)
+    assert result.clean
+    assert sup.worker("w")["status"] == "stopped"
+    assert sup.worker("w")["last_error"] == "RuntimeError: flush failed while draining"

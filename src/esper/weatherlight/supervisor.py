@@ -98,7 +98,9 @@ class WorkerContext:
         self._state.last_heartbeat = time.monotonic()
 
     def mark_ready(self) -> None:
-        """Let boot proceed to the next worker (for specs with ``wait_ready``)."""
+        """This attempt is up: boot may proceed to the next worker (see ``wait_ready``)."""
+        if self._state.status is WorkerStatus.STARTING:
+            self._state.status = WorkerStatus.RUNNING
         if not self._state.ready.done():
             self._state.ready.set_result(None)
 
@@ -263,12 +265,12 @@ class Supervisor:
         while True:
             began = time.monotonic()
             error = await self._attempt(w, ctx)
-            if w.stopping.is_set():
-                w.status = WorkerStatus.STOPPED
-                return
             if error is not None:
                 self._record_error(w, error)
                 log.error("worker failed", error=w.last_error)
+            if w.stopping.is_set():
+                w.status = WorkerStatus.STOPPED
+                return
             if not w.ready.done():  # boot step ended: done if clean (one-shot steps), else failed
                 if error is not None:
                     w.status = WorkerStatus.FAILED
@@ -305,14 +307,14 @@ class Supervisor:
 
     async def _attempt(self, w: _Worker, ctx: WorkerContext) -> BaseException | None:
         """Run one attempt under the watchdog; return its error (None for a clean return)."""
-        w.status, w.backoff_s = WorkerStatus.RUNNING, 0.0
+        w.status, w.backoff_s = WorkerStatus.STARTING, 0.0
         w.started_at, w.last_heartbeat = time.time(), time.monotonic()
         task = asyncio.create_task(_call(w.spec.factory, ctx), name=f"weatherlight.{w.spec.name}.attempt")
         w.attempt = task
         try:
             await asyncio.sleep(0)  # let the attempt take its first step
-            if not w.spec.wait_ready and not task.done() and not w.ready.done():
-                w.ready.set_result(None)
+            if not w.spec.wait_ready and not task.done():
+                ctx.mark_ready()
             timeout = w.spec.heartbeat_timeout_s
             while not task.done():
                 left = None if timeout is None else w.last_heartbeat + timeout - time.monotonic()
@@ -452,9 +454,6 @@ class Supervisor:
             for n in self._order
             if self._workers[n].spec.required and self._workers[n].status is WorkerStatus.FAILED
         )
-
-    def _specs(self) -> list[WorkerSpec]:
-        return [self._workers[n].spec for n in self._order]
 
 
 async def _call(factory: Callable[[WorkerContext], Awaitable[None]], ctx: WorkerContext) -> None:
