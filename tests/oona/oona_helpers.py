@@ -33,11 +33,11 @@ class Recorder:
         if len(self.messages) >= self.expected:
             self.done.set()
 
-    async def wait(self, timeout: float = 10.0) -> None:
-        await asyncio.wait_for(self.done.wait(), timeout)
+    async def wait(self, limit_s: float = 10.0) -> None:
+        await asyncio.wait_for(self.done.wait(), limit_s)
 
 
-async def dead_letters(redis: aioredis.Redis, count: int, timeout: float = 10.0) -> list[dict[bytes, bytes]]:
+async def dead_letters(redis: aioredis.Redis, count: int, limit_s: float = 10.0) -> list[dict[bytes, bytes]]:
     """Wait (blocking XREAD, no polling) until ``count`` dead letters exist; return their fields."""
     seen: list[dict[bytes, bytes]] = []
     last = "0-0"
@@ -51,7 +51,7 @@ async def dead_letters(redis: aioredis.Redis, count: int, timeout: float = 10.0)
                     last = entry_id.decode()
                     seen.append(fields)
 
-    await asyncio.wait_for(collect(), timeout)
+    await asyncio.wait_for(collect(), limit_s)
     return seen
 
 

@@ -17,8 +17,14 @@ from esper.leyline import leyline_pb2 as pb
 from esper.oona import OonaClient, StreamConfig
 
 ALL_STREAMS = {
-    "oona.normal", "oona.emergency", "oona.telemetry", "oona.policy", "oona.kernels.requests",
-    "oona.kernels.ready", "oona.kernels.errors", "oona.deadletter",
+    "oona.normal",
+    "oona.emergency",
+    "oona.telemetry",
+    "oona.policy",
+    "oona.kernels.requests",
+    "oona.kernels.ready",
+    "oona.kernels.errors",
+    "oona.deadletter",
 }
 
 
@@ -34,7 +40,8 @@ def test_stream_config_from_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     assert config.group == "weatherlight"
     assert config.normal_stream == "x.normal"
     assert config.freshness_window_ms == 5000
-    assert config.consumer.startswith("weatherlight-") and config.consumer.endswith(str(__import__("os").getpid()))
+    assert config.consumer.startswith("weatherlight-")
+    assert config.consumer.endswith(str(__import__("os").getpid()))
     assert len(config.streams) == 8
     assert config.socket_timeout_s > config.block_ms / 1000
 
@@ -44,7 +51,9 @@ async def test_entry_is_signed_v1_compatible_with_attributes(
 ) -> None:
     client = make_client(source="unit")
     result = await client.publish_command(pb.AdaptationCommand(command_id="cmd-1"))
-    assert result.ok and result.stream == "oona.normal" and result.entry_id
+    assert result.ok
+    assert result.stream == "oona.normal"
+    assert result.entry_id
     [(entry_id, fields)] = await redis_client.xrange("oona.normal")
     assert set(fields) == {b"payload", b"signature", b"kid"}
     expected = base64.b64encode(hmac.digest(SECRET, fields[b"payload"], hashlib.sha256))
@@ -75,8 +84,15 @@ async def test_each_publisher_targets_its_stream(
         await client.publish_kernel_catalog_update(pb.KernelCatalogUpdate(blueprint_id="b")),
     ]
     assert [r.stream for r in results] == [
-        "oona.normal", "oona.emergency", "oona.normal", "oona.telemetry", "oona.policy",
-        "oona.kernels.requests", "oona.kernels.ready", "oona.kernels.errors", "oona.kernels.ready",
+        "oona.normal",
+        "oona.emergency",
+        "oona.normal",
+        "oona.telemetry",
+        "oona.policy",
+        "oona.kernels.requests",
+        "oona.kernels.ready",
+        "oona.kernels.errors",
+        "oona.kernels.ready",
     ]
     assert all(r.ok for r in results)
     types = [
@@ -106,7 +122,8 @@ async def test_group_created_after_publish_still_delivers(make_client: Callable[
     await client.ensure_consumer_groups()
     await client.ensure_consumer_groups()  # BUSYGROUP is ignored
     infos = {s: await client.redis.xinfo_groups(s) for s in client.config.streams}
-    assert set(infos) == ALL_STREAMS and all(len(v) == 1 for v in infos.values())
+    assert set(infos) == ALL_STREAMS
+    assert all(len(v) == 1 for v in infos.values())
     recorder = Recorder(1)
     consumer = client.consumer("oona.normal", recorder, types={pb.BUS_MESSAGE_TYPE_ADAPTATION_COMMAND})
     async with running(consumer):
@@ -124,7 +141,9 @@ async def test_backpressure_uses_pending_depth_not_length(make_client: Callable[
     # Deliver both without acking: pending = 2 reaches the threshold.
     await client.redis.xreadgroup("test", "c1", {stream: ">"}, count=10)
     refused = await client.publish_kernel_prefetch_request(pb.KernelPrefetchRequest(request_id="x"))
-    assert not refused.ok and refused.reason == "backpressure" and refused.entry_id is None
+    assert not refused.ok
+    assert refused.reason == "backpressure"
+    assert refused.entry_id is None
     assert client.metrics_snapshot()[f"backpressure.{stream}"] == 1
     assert client.publish_breaker.state == pb.CIRCUIT_STATE_CLOSED  # refusals are not failures
     # Other streams are unaffected; acking drains the depth even though XLEN stays 2.
@@ -148,7 +167,11 @@ async def test_metrics_snapshot_and_packet(make_client: Callable[..., OonaClient
     names = {m.name for m in packet.metrics}
     assert packet.source_subsystem == "oona"
     assert all(name.startswith("oona.") for name in names)
-    assert {"oona.deadletter.total", "oona.pending.oona.kernels.requests", "oona.published.oona.normal"} <= names
+    assert {
+        "oona.deadletter.total",
+        "oona.pending.oona.kernels.requests",
+        "oona.published.oona.normal",
+    } <= names
     histogram = client.metrics.registry.get_sample_value(
         "oona_publish_latency_seconds_count", {"stream": "oona.normal"}
     )

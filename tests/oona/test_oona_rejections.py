@@ -22,8 +22,12 @@ STREAM = "oona.normal"
 def envelope(
     *, message_type: int = CMD, issued_at_ms: int | None = None, nonce: str | None = None, **extra: str
 ) -> bytes:
-    env = pb.BusEnvelope(message_type=message_type, payload=pb.AdaptationCommand(command_id="x").SerializeToString())
-    env.attributes["issued_at_ms"] = str(issued_at_ms if issued_at_ms is not None else int(time.time() * 1000))
+    env = pb.BusEnvelope(
+        message_type=message_type, payload=pb.AdaptationCommand(command_id="x").SerializeToString()
+    )
+    env.attributes["issued_at_ms"] = str(
+        issued_at_ms if issued_at_ms is not None else int(time.time() * 1000)
+    )
     env.attributes["nonce"] = nonce or uuid.uuid4().hex
     env.attributes.update(extra)
     return env.SerializeToString()
@@ -94,7 +98,8 @@ async def test_rejection_reason_and_dead_letter_format(
     assert letter[b"source_id"] == bad_id.encode()
     for name in (b"payload", b"signature", b"kid"):
         assert letter.get(name) == fields.get(name)
-    assert b"detail" in letter and keyring.primary.secret not in letter[b"detail"]
+    assert b"detail" in letter
+    assert keyring.primary.secret not in letter[b"detail"]
     assert good.messages[0].decode(pb.AdaptationCommand).command_id == "after"
     snap = client.metrics_snapshot()
     assert snap[f"rejected.{STREAM}.{reason}"] == 1
@@ -120,7 +125,8 @@ async def test_replay_is_caught_across_two_consumers_of_one_group(
     consumer_b = second.consumer(STREAM, handled_b, types={CMD})
     async with running(consumer_b):
         [letter] = await dead_letters(redis_client, 1)
-    assert letter[b"reason"] == b"replay" and letter[b"source_id"] == replay_id.encode()
+    assert letter[b"reason"] == b"replay"
+    assert letter[b"source_id"] == replay_id.encode()
     assert handled_b.messages == []
 
 
@@ -144,12 +150,14 @@ async def test_handler_failure_retries_with_attempts_then_dead_letters(
     assert attempts == [1, 2, 3, 4]
     assert len(nonces) == 4  # every retry is a freshly signed copy
     assert letter[b"reason"] == b"handler_failed"
-    assert b"RuntimeError" in letter[b"detail"] and b"secret-looking" not in letter[b"detail"]
+    assert b"RuntimeError" in letter[b"detail"]
+    assert b"secret-looking" not in letter[b"detail"]
     env = pb.BusEnvelope.FromString(letter[b"payload"])
     assert env.attributes["attempt"] == "4"
     assert pb.AdaptationCommand.FromString(env.payload).command_id == "doomed"
     snap = client.metrics_snapshot()
-    assert snap[f"retries.{STREAM}"] == 3 and snap["deadletter.handler_failed"] == 1
+    assert snap[f"retries.{STREAM}"] == 3
+    assert snap["deadletter.handler_failed"] == 1
     assert client.consume_breaker.state == pb.CIRCUIT_STATE_CLOSED  # handler bugs are not Redis failures
     assert client.publish_breaker.state == pb.CIRCUIT_STATE_CLOSED
     assert (await redis_client.xpending(STREAM, "test"))["pending"] == 0

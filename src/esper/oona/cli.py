@@ -70,7 +70,7 @@ async def _dlq_show(settings: EsperSettings, entry_id: str) -> int:
         if not entries:
             print(f"error: no dead letter {entry_id}", file=sys.stderr)
             return EXIT_NOT_FOUND
-        print(json.dumps(_summary(entries[0][0], entries[0][1], full=True), indent=2))
+        print(json.dumps(_summary(entries[0][0], entries[0][1], full=True)))
     return 0
 
 
