@@ -1,0 +1,142 @@
+"""``esper-forge``: compile blueprint kernels for a slot width into the Urza library (no bus needed)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from pydantic import ValidationError
+
+from esper.core.errors import ConfigError
+from esper.karn import KarnCatalog, UnknownBlueprintError
+from esper.tezzeret.compiler import CompileError
+from esper.tezzeret.forge import ForgeProgress, run_forge
+from esper.urza.errors import UrzaError
+from esper.urza.families import DTYPES
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="esper-forge",
+        description=(
+            "Compile Karn blueprints into verified PyTorch kernels for seed slots of width D "
+            "([batch, D] -> [batch, D]) and store them in the Urza library. The run is resumable: "
+            "kernels finished by an earlier (possibly crashed) run for the same width and dtype "
+            "are skipped. Settings come from the environment (URZA_ARTIFACT_DIR, "
+            "URZA_DATABASE_URL, .env) unless overridden below."
+        ),
+        epilog="Exit status: 0 success, 1 a kernel failed to compile or save, 2 bad arguments or settings.",
+    )
+    parser.add_argument("--width", "-d", type=_positive_int, required=True, metavar="D",
+                        help="slot width: kernels map [batch, D] to [batch, D] (required)")
+    parser.add_argument("--blueprints", "-b", metavar="IDS",
+                        help="comma-separated blueprint ids, e.g. BP001,BP009 (default: all 50)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                        help="parameter dtype of the kernels (default: float32)")
+    parser.add_argument("--artifact-dir", metavar="DIR",
+                        help="artifact directory (default: URZA_ARTIFACT_DIR or ./var/urza/artifacts)")
+    parser.add_argument("--database-url", metavar="URL",
+                        help="catalogue URL, sqlite:///path or postgresql://... "
+                             "(default: URZA_DATABASE_URL or sqlite:///./var/urza/catalog.db)")
+    parser.add_argument("--force", action="store_true",
+                        help="recompile even kernels a previous run finished")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress line")
+    return parser
+
+
+def _parse_ids(text: str | None, catalog: KarnCatalog) -> list[str] | None:
+    if text is None:
+        return None
+    ids = [part.strip().upper() for part in text.split(",") if part.strip()]
+    if not ids:
+        raise ValueError("--blueprints is empty")
+    unknown = [bid for bid in ids if bid not in catalog]
+    if unknown:
+        raise ValueError(f"unknown blueprint id(s): {', '.join(unknown)}")
+    return ids
+
+
+class ProgressLine:
+    """A single updating status line on a stream (``\\r``-rewritten when it is a terminal)."""
+
+    def __init__(self, stream: TextIO = sys.stderr, width: int = 30) -> None:
+        self.stream = stream
+        self.width = width
+        self.tty = stream.isatty()
+
+    def __call__(self, p: ForgeProgress) -> None:
+        filled = int(self.width * p.index / max(1, p.total))
+        bar = "#" * filled + "-" * (self.width - filled)
+        line = f"[{bar}] {p.index}/{p.total} {p.blueprint_id} {p.status} {p.elapsed_s:6.1f}s"
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if p.index == p.total else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    catalog = KarnCatalog()
+    try:
+        ids = _parse_ids(args.blueprints, catalog)
+    except ValueError as exc:
+        parser.error(str(exc))
+    overrides: dict[str, Any] = {}
+    if args.artifact_dir:
+        overrides["urza_artifact_dir"] = args.artifact_dir
+    if args.database_url:
+        overrides["urza_database_url"] = args.database_url
+    try:
+        from esper.core.settings import EsperSettings
+
+        settings = EsperSettings(**overrides)
+    except (ValidationError, ConfigError) as exc:
+        print(f"esper-forge: invalid settings: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    progress = None if args.quiet else ProgressLine(sys.stderr)
+    try:
+        report = asyncio.run(run_forge(settings, args.width, ids, progress=progress, dtype=args.dtype,
+                                       force=args.force))
+    except UnknownBlueprintError as exc:
+        print(f"esper-forge: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (CompileError, UrzaError, OSError) as exc:
+        print(f"\nesper-forge: failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as exc:  # a database error, for instance; keep the message, no traceback
+        print(f"\nesper-forge: failed: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(
+        f"esper-forge: width {report.d} {report.dtype}: {len(report.compiled)} compiled, "
+        f"{len(report.skipped)} already done, {report.elapsed_s:.1f}s "
+        f"(artifacts in {settings.urza_artifact_dir})",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

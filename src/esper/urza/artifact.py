@@ -1,0 +1,358 @@
+"""The kernel artifact format (``esper-kernel/1``) and its integrity checks.
+
+On disk
+-------
+One file per artifact: a standard **safetensors** file (8-byte little-endian
+header length, JSON header, raw tensor data) holding the module's state dict.
+The header's ``__metadata__`` has one key, ``esper_manifest``, whose value is
+a JSON object::
+
+    {"format": "esper-kernel/1", "blueprint_id": "BP009", "family": "residual_mlp",
+     "family_args": {"depth": 2}, "parameters": {"depth": 2.5}, "d": 32,
+     "dtype": "float32", "torch_version": "2.13.0+cpu",
+     "guard_digest": "<sha256 hex>", "tensors_sha256": "<sha256 hex of the data section>"}
+
+Files live at ``<URZA_ARTIFACT_DIR>/<blueprint_id>/<checksum[:16]>.safetensors``
+where ``checksum`` is the SHA-256 of the whole file (content addressed: a
+recompile that produces the same bytes lands on the same path). The portable
+reference carried on the bus is ``urza://<blueprint_id>/<checksum[:16]>``,
+resolvable by any process sharing the artifact directory; a relative path
+(``BP009/<checksum[:16]>.safetensors``) is accepted too. Absolute paths and
+``..`` are rejected.
+
+* ``checksum`` – SHA-256 hex of the whole file (stored in the catalogue, sent
+  in KernelCatalogUpdate / KernelArtifactReady, verified before any parse).
+* ``guard_digest`` – SHA-256 hex of the canonical JSON (sorted keys, no
+  spaces) of ``{"blueprint_id", "parameters", "interface": {"d", "dtype",
+  "input_shape": ["batch", d], "output_shape": ["batch", d]}, "torch_version"}``.
+  Loading recomputes it from the manifest and compares.
+
+Loading never unpickles: the module is rebuilt from its family
+(:mod:`esper.urza.families`) and the tensors are copied in with
+``load_state_dict(strict=True)`` after their names, shapes and dtypes were
+checked against the family.
+
+Writes are atomic: temp file in the same directory, ``fsync``, ``os.replace``,
+``fsync`` of the directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from esper.urza.errors import ChecksumMismatch, CorruptArtifact, GuardMismatch, InvalidArtifactRef
+from esper.urza.families import DTYPES, FAMILIES, construct, family_args_ok
+
+FORMAT = "esper-kernel/1"
+SUFFIX = ".safetensors"
+REF_SCHEME = "urza://"
+TEMP_PREFIX = ".tmp-"
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_HEX16_RE = re.compile(r"^[0-9a-f]{16}$")
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def compute_guard_digest(
+    blueprint_id: str,
+    parameters: Mapping[str, float],
+    d: int,
+    dtype: str,
+    torch_version: str | None = None,
+) -> str:
+    """SHA-256 over the canonical JSON of the kernel's identity and interface."""
+    payload = {
+        "blueprint_id": blueprint_id,
+        "parameters": {k: float(v) for k, v in parameters.items()},
+        "interface": {"d": int(d), "dtype": dtype, "input_shape": ["batch", int(d)],
+                      "output_shape": ["batch", int(d)]},
+        "torch_version": torch_version if torch_version is not None else torch.__version__,
+    }
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Manifest:
+    blueprint_id: str
+    family: str
+    family_args: dict[str, int | float | str]
+    parameters: dict[str, float]
+    d: int
+    dtype: str
+    torch_version: str
+    guard_digest: str
+    tensors_sha256: str
+    format: str = FORMAT
+
+    def to_json(self) -> str:
+        return canonical_json(
+            {
+                "format": self.format,
+                "blueprint_id": self.blueprint_id,
+                "family": self.family,
+                "family_args": self.family_args,
+                "parameters": self.parameters,
+                "d": self.d,
+                "dtype": self.dtype,
+                "torch_version": self.torch_version,
+                "guard_digest": self.guard_digest,
+                "tensors_sha256": self.tensors_sha256,
+            }
+        )
+
+
+# -- references and paths --------------------------------------------------------
+
+
+def relative_path(blueprint_id: str, checksum: str) -> str:
+    if not _ID_RE.match(blueprint_id):
+        raise InvalidArtifactRef(f"invalid blueprint id {blueprint_id!r}", blueprint_id=blueprint_id)
+    return f"{blueprint_id}/{checksum[:16]}{SUFFIX}"
+
+
+def artifact_ref(blueprint_id: str, checksum: str) -> str:
+    return f"{REF_SCHEME}{blueprint_id}/{checksum[:16]}"
+
+
+def ref_to_relative(ref: str) -> str:
+    """Map ``urza://BP/hex16`` or a relative ``BP/hex16.safetensors`` path to the relative path."""
+    if ref.startswith(REF_SCHEME):
+        parts = ref[len(REF_SCHEME):].split("/")
+        if len(parts) != 2 or not _ID_RE.match(parts[0]) or not _HEX16_RE.match(parts[1]):
+            raise InvalidArtifactRef(f"malformed artifact ref {ref!r}")
+        return f"{parts[0]}/{parts[1]}{SUFFIX}"
+    path = PurePosixPath(ref)
+    if (
+        not ref
+        or path.is_absolute()
+        or "\\" in ref
+        or ":" in ref
+        or any(p in ("..", ".", "") for p in ref.split("/"))
+        or not ref.endswith(SUFFIX)
+    ):
+        raise InvalidArtifactRef(f"artifact ref {ref!r} must be urza://<id>/<hex16> or a relative path")
+    return ref
+
+
+# -- writing ------------------------------------------------------------------------
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Temp file in the same directory, fsync, rename over ``path``, fsync the directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex}-{path.name}"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def _data_section(blob: bytes) -> bytes:
+    n = int.from_bytes(blob[:8], "little")
+    return blob[8 + n:]
+
+
+def serialize(
+    module: nn.Module,
+    *,
+    blueprint_id: str,
+    family: str,
+    family_args: Mapping[str, int | float | str],
+    parameters: Mapping[str, float],
+    d: int,
+    dtype: str,
+) -> tuple[bytes, Manifest]:
+    """Encode a module's state dict and manifest as ``esper-kernel/1`` bytes."""
+    tensors = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
+    bare = st_save(tensors)
+    torch_version = torch.__version__
+    params = {k: float(v) for k, v in sorted(parameters.items())}
+    manifest = Manifest(
+        blueprint_id=blueprint_id,
+        family=family,
+        family_args=dict(family_args),
+        parameters=params,
+        d=int(d),
+        dtype=dtype,
+        torch_version=torch_version,
+        guard_digest=compute_guard_digest(blueprint_id, params, d, dtype, torch_version),
+        tensors_sha256=sha256_hex(_data_section(bare)),
+    )
+    blob = st_save(tensors, metadata={"esper_manifest": manifest.to_json()})
+    if _data_section(blob) != _data_section(bare):  # pragma: no cover - safetensors layout guarantee
+        raise RuntimeError("safetensors data section changed with metadata")
+    return blob, manifest
+
+
+# -- reading ------------------------------------------------------------------------
+
+
+def _num(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def parse_manifest(blob: bytes, *, source: str = "artifact") -> Manifest:
+    """Read and validate the manifest from the safetensors header (no tensors are decoded)."""
+    if len(blob) < 8:
+        raise CorruptArtifact(f"{source} is too short to be a safetensors file")
+    n = int.from_bytes(blob[:8], "little")
+    if n < 2 or n > MAX_HEADER_BYTES or 8 + n > len(blob):
+        raise CorruptArtifact(f"{source} is not a safetensors file (bad header length)")
+    try:
+        header = json.loads(blob[8:8 + n])
+        raw = json.loads(header["__metadata__"]["esper_manifest"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise CorruptArtifact(f"{source} has no readable esper manifest ({exc.__class__.__name__})") from None
+    problems = []
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise CorruptArtifact(f"{source} manifest format is not {FORMAT}")
+    if not isinstance(raw.get("blueprint_id"), str) or not _ID_RE.match(raw["blueprint_id"]):
+        problems.append("blueprint_id")
+    if not family_args_ok(raw.get("family", ""), raw.get("family_args")):
+        problems.append("family/family_args")
+    params = raw.get("parameters")
+    if not isinstance(params, dict) or not all(isinstance(k, str) and _num(v) for k, v in params.items()):
+        problems.append("parameters")
+    if not isinstance(raw.get("d"), int) or isinstance(raw.get("d"), bool) or raw["d"] < 1:
+        problems.append("d")
+    if raw.get("dtype") not in DTYPES:
+        problems.append("dtype")
+    for key in ("torch_version", "guard_digest", "tensors_sha256"):
+        if not isinstance(raw.get(key), str):
+            problems.append(key)
+    if problems:
+        raise CorruptArtifact(f"{source} manifest has invalid fields: {', '.join(problems)}")
+    manifest = Manifest(
+        blueprint_id=raw["blueprint_id"],
+        family=raw["family"],
+        family_args=dict(raw["family_args"]),
+        parameters={k: float(v) for k, v in params.items()},
+        d=raw["d"],
+        dtype=raw["dtype"],
+        torch_version=raw["torch_version"],
+        guard_digest=raw["guard_digest"],
+        tensors_sha256=raw["tensors_sha256"],
+    )
+    expected = compute_guard_digest(
+        manifest.blueprint_id, manifest.parameters, manifest.d, manifest.dtype, manifest.torch_version
+    )
+    if expected != manifest.guard_digest:
+        raise CorruptArtifact(f"{source} guard digest does not match its manifest")
+    return manifest
+
+
+def decode_tensors(blob: bytes, manifest: Manifest, *, source: str = "artifact") -> dict[str, torch.Tensor]:
+    """Decode the tensors (no code runs: safetensors is plain data) after checking the data hash."""
+    if sha256_hex(_data_section(blob)) != manifest.tensors_sha256:
+        raise CorruptArtifact(f"{source} tensor data does not match its manifest")
+    try:
+        return st_load(blob)
+    except Exception as exc:
+        raise CorruptArtifact(f"{source} tensors are unreadable: {exc}") from None
+
+
+def build_empty(manifest: Manifest, *, source: str = "artifact") -> nn.Module:
+    """Build the family's module (initial weights are overwritten by the load)."""
+    if manifest.family not in FAMILIES:
+        raise CorruptArtifact(f"{source} names unknown family {manifest.family!r}")
+    try:
+        return construct(manifest.family, manifest.family_args, manifest.d, manifest.dtype)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise CorruptArtifact(f"{source} family arguments are invalid: {exc}") from None
+
+
+def instantiate(
+    manifest: Manifest, tensors: Mapping[str, torch.Tensor], *, source: str = "artifact"
+) -> nn.Module:
+    """A fresh module built from its family, holding private copies of ``tensors``.
+
+    Names, shapes and dtypes are checked against the family before
+    ``load_state_dict(strict=True)`` copies the values in.
+    """
+    module = build_empty(manifest, source=source)
+    expected = module.state_dict()
+    if set(expected) != set(tensors):
+        missing = sorted(set(expected) - set(tensors))
+        extra = sorted(set(tensors) - set(expected))
+        raise CorruptArtifact(
+            f"{source} tensors do not fit family {manifest.family}: missing {missing}, unexpected {extra}"
+        )
+    for key, ref in expected.items():
+        got = tensors[key]
+        if got.shape != ref.shape or got.dtype != ref.dtype:
+            raise CorruptArtifact(
+                f"{source} tensor {key!r} is {tuple(got.shape)}/{got.dtype},"
+                f" family expects {tuple(ref.shape)}/{ref.dtype}"
+            )
+    try:
+        module.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:  # pragma: no cover - pre-checked above
+        raise CorruptArtifact(f"{source} tensors do not load: {exc}") from None
+    return module
+
+
+def load_bytes(
+    blob: bytes,
+    *,
+    expected_checksum: str | None = None,
+    expected_guard: str | None = None,
+    source: str = "artifact",
+    blueprint_id: str | None = None,
+) -> tuple[nn.Module, Manifest]:
+    """Verify and load an artifact from bytes: checksum first, then manifest, guard and tensors."""
+    if expected_checksum is not None:
+        actual = sha256_hex(blob)
+        if actual != expected_checksum:
+            raise ChecksumMismatch(
+                f"{source}: sha256 {actual[:16]}… != expected {expected_checksum[:16]}…",
+                blueprint_id=blueprint_id,
+            )
+    manifest = parse_manifest(blob, source=source)
+    if blueprint_id is not None and manifest.blueprint_id != blueprint_id:
+        raise CorruptArtifact(f"{source} holds {manifest.blueprint_id}, not {blueprint_id}",
+                              blueprint_id=blueprint_id)
+    if expected_guard is not None and manifest.guard_digest != expected_guard:
+        raise GuardMismatch(f"{source}: guard digest differs from the expected one",
+                            blueprint_id=manifest.blueprint_id)
+    tensors = decode_tensors(blob, manifest, source=source)
+    return instantiate(manifest, tensors, source=source), manifest
