@@ -83,15 +83,18 @@ class TamiyoPolicy(nn.Module):
         super().__init__()
         self.config = config or PolicyConfig()
         cfg = self.config
-        self.encoder = nn.Sequential(
-            nn.Linear(cfg.feature_dim, cfg.hidden_dim),
-            nn.Tanh(),
-            nn.Linear(cfg.hidden_dim, cfg.hidden_dim),
-            nn.Tanh(),
-        )
-        self.action_head = nn.Linear(cfg.hidden_dim, len(PolicyAction))
-        self.blueprint_head = nn.Linear(cfg.hidden_dim, len(cfg.blueprint_candidates))
-        self.param_head = nn.Linear(cfg.hidden_dim, 1)
+        # nn.Linear initialises from the global RNG; fork it so building a policy
+        # never perturbs the caller's random stream (weights are reset below anyway).
+        with torch.random.fork_rng(devices=[]):
+            self.encoder = nn.Sequential(
+                nn.Linear(cfg.feature_dim, cfg.hidden_dim),
+                nn.Tanh(),
+                nn.Linear(cfg.hidden_dim, cfg.hidden_dim),
+                nn.Tanh(),
+            )
+            self.action_head = nn.Linear(cfg.hidden_dim, len(PolicyAction))
+            self.blueprint_head = nn.Linear(cfg.hidden_dim, len(cfg.blueprint_candidates))
+            self.param_head = nn.Linear(cfg.hidden_dim, 1)
         self._init_weights(cfg.seed)
         self.eval()
 
