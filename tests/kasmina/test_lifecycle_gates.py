@@ -56,15 +56,19 @@ def test_illegal_transition_raises_and_reports(start: int, target: int) -> None:
     with pytest.raises(IllegalTransition):
         life.transition(target)  # type: ignore[arg-type]
     assert life.stage == start
-    assert len(reported) == 1 and reported[0].target == target
+    assert len(reported) == 1
+    assert reported[0].target == target
 
 
-async def test_manager_lifecycle_illegal_move_emits_event(make_manager: Callable[..., KasminaSeedManager]) -> None:
+async def test_manager_lifecycle_illegal_move_emits_event(
+    make_manager: Callable[..., KasminaSeedManager],
+) -> None:
     manager = make_manager()
     manager.register_host_model(make_host())
     assert await manager.germinate("2", "BP100") == ""
     seed = manager.get_seed("2")
-    assert seed is not None and seed.stage == L.SEED_STAGE_TRAINING
+    assert seed is not None
+    assert seed.stage == L.SEED_STAGE_TRAINING
     with pytest.raises(IllegalTransition):
         seed.lifecycle.transition(L.SEED_STAGE_FOSSILIZED)
     [event] = events_named(manager, "illegal_transition")
@@ -110,8 +114,13 @@ def test_gate_failures_carry_reasons(gate: int, inputs: GateInputs, reason: str)
 
 def test_gates_pass_on_clean_inputs() -> None:
     clean = _inputs()
-    for gate in (L.SEED_GATE_G0_SANITY, L.SEED_GATE_G1_GRADIENT_HEALTH, L.SEED_GATE_G2_STABILITY,
-                 L.SEED_GATE_G3_INTERFACE, L.SEED_GATE_G4_SYSTEM_IMPACT):
+    for gate in (
+        L.SEED_GATE_G0_SANITY,
+        L.SEED_GATE_G1_GRADIENT_HEALTH,
+        L.SEED_GATE_G2_STABILITY,
+        L.SEED_GATE_G3_INTERFACE,
+        L.SEED_GATE_G4_SYSTEM_IMPACT,
+    ):
         assert evaluate_gate(gate, clean).passed, gate
     assert evaluate_gate(L.SEED_GATE_G5_RESET, _inputs(kernel_attached=False)).passed
     g2 = evaluate_gate(L.SEED_GATE_G2_STABILITY, _inputs(latency_ms=12.345))
@@ -124,7 +133,9 @@ async def test_gates_are_read_only_and_telemetry_does_not_change_them(
     manager = make_manager()
     manager.register_host_model(make_host())
     await manager.germinate("2", "BP100")
-    before = {g: manager.evaluate_gate("2", g) for g in (L.SEED_GATE_G2_STABILITY, L.SEED_GATE_G4_SYSTEM_IMPACT)}
+    before = {
+        g: manager.evaluate_gate("2", g) for g in (L.SEED_GATE_G2_STABILITY, L.SEED_GATE_G4_SYSTEM_IMPACT)
+    }
     for _ in range(3):
         manager.build_telemetry()
     after = {g: manager.evaluate_gate("2", g) for g in before}

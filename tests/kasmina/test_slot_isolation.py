@@ -19,7 +19,8 @@ def _host_grads(model: nn.Module) -> dict[str, torch.Tensor]:
 def test_add_seed_slots_wraps_in_place_and_rejects_typos() -> None:
     model = nn.Sequential(nn.Linear(4, DIM), nn.Sequential(nn.Linear(DIM, DIM)))
     slots = add_seed_slots(model, {"0": DIM, "1.0": DIM})
-    assert isinstance(model[0], SeedSlot) and isinstance(model[1][0], SeedSlot)
+    assert isinstance(model[0], SeedSlot)
+    assert isinstance(model[1][0], SeedSlot)
     assert slots["1.0"].slot_name == "1.0"
     with pytest.raises(KeyError):
         add_seed_slots(model, {"7": DIM})
@@ -81,7 +82,8 @@ def test_output_moves_from_host_to_seed_as_alpha_rises() -> None:
         slot.alpha = alpha
         distances.append(float((slot(x) - host_out).detach().norm()))
     assert distances[0] == 0.0
-    assert distances == sorted(distances) and distances[-1] > distances[1] > 0
+    assert distances == sorted(distances)
+    assert distances[-1] > distances[1] > 0
 
 
 def test_kernel_is_not_a_host_submodule() -> None:
@@ -116,8 +118,11 @@ async def test_alpha_rises_step_by_step_during_blending_and_changes_output(
             outputs.append(model(x))
     blending = [a for a, s in zip(alphas, stages, strict=True) if s == L.SEED_STAGE_BLENDING]
     assert len(blending) >= 10  # BLENDING is observable over many steps
-    assert blending == sorted(blending) and blending[0] < 0.05 and blending[-1] > 0.9
-    assert stages[-1] == L.SEED_STAGE_SHADOWING and alphas[-1] == 1.0
+    assert blending == sorted(blending)
+    assert blending[0] < 0.05
+    assert blending[-1] > 0.9
+    assert stages[-1] == L.SEED_STAGE_SHADOWING
+    assert alphas[-1] == 1.0
     assert not torch.allclose(outputs[0], outputs[-1])
     assert seed.gradient_norm > 0
     for _ in range(manager.shadowing_steps):
@@ -151,7 +156,8 @@ async def test_shared_host_parameter_is_a_violation_acted_on_and_reset(
     assert metrics["kasmina.isolation.violations"] == 1
     assert packet.system_health.status == L.HEALTH_STATUS_UNHEALTHY
     assert manager2.retire("2")  # still embargoed: cleaned, counter reset, stays embargoed
-    assert seed_ctx.isolation_violations == 0 and seed_ctx.stage == L.SEED_STAGE_EMBARGOED
+    assert seed_ctx.isolation_violations == 0
+    assert seed_ctx.stage == L.SEED_STAGE_EMBARGOED
     packet = manager2.build_telemetry()
     assert {m.name: m.value for m in packet.metrics}["kasmina.isolation.violations"] == 0
     assert packet.system_health.status == L.HEALTH_STATUS_HEALTHY
@@ -181,7 +187,8 @@ async def test_kernel_capturing_host_weight_is_caught_on_the_real_graph(
     manager.register_host_model(model)
     await manager.germinate("2", "BPS")
     seed = manager.get_seed("2")
-    assert seed is not None and seed.stage == L.SEED_STAGE_TRAINING  # static check cannot see it
+    assert seed is not None
+    assert seed.stage == L.SEED_STAGE_TRAINING
     model(torch.randn(3, 4)).sum().backward()
     manager.step()
     assert seed.stage == L.SEED_STAGE_EMBARGOED
@@ -199,7 +206,10 @@ async def test_seeds_sharing_a_blueprint_get_distinct_kernels(
     await manager.germinate("1", "BP100")
     await manager.germinate("2", "BP100")  # served from the kernel cache
     a, b = manager.get_seed("1"), manager.get_seed("2")
-    assert a is not None and b is not None and a.kernel is not None and b.kernel is not None
+    assert a is not None
+    assert b is not None
+    assert a.kernel is not None
+    assert b.kernel is not None
     assert b.kernel_source == "cache"
     assert a.kernel is not b.kernel
     pa, pb = list(a.kernel.parameters()), list(b.kernel.parameters())
@@ -209,4 +219,5 @@ async def test_seeds_sharing_a_blueprint_get_distinct_kernels(
         pa[0].add_(1.0)
     assert torch.equal(pb[0], before)
     assert a.stage == b.stage == L.SEED_STAGE_TRAINING
-    assert manager.verify_isolation("1").isolated and manager.verify_isolation("2").isolated
+    assert manager.verify_isolation("1").isolated
+    assert manager.verify_isolation("2").isolated
