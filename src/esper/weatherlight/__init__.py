@@ -5,7 +5,7 @@ above ``esper.core`` so they can be tested alone and reused.
 """
 
 from esper.weatherlight.embedded_redis import EmbeddedRedis, EmbeddedRedisExited
-from esper.weatherlight.http_server import HealthServer, ReadinessCheck
+from esper.core.http_server import HealthServer, ReadinessCheck
 from esper.weatherlight.sdnotify import SdNotifier
 from esper.weatherlight.supervisor import (
     BackoffPolicy,

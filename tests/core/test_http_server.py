@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter
 
 from esper.core.settings import EsperSettings
-from esper.weatherlight.http_server import HealthServer
+from esper.core.http_server import HealthServer
 
 
 async def request(port: int, raw: bytes) -> tuple[int, dict[str, str], bytes]:
