@@ -11,7 +11,7 @@ a connection open forever.
 - ``/readyz``: 200 only when every readiness check passes (each bounded by its
   own timeout), else 503; ``?verbose`` lists ``[+]name ok`` / ``[-]name failed: why``.
 - ``/metrics``: Prometheus text from a ``CollectorRegistry``.
-- ``/status``: JSON from a callable (e.g. ``Supervisor.snapshot``).
+- ``/status`` (and any route added with ``add_json_route``): JSON from a callable.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class _Response:
 
 
 class HealthServer:
-    """Serves ``/livez``, ``/readyz``, ``/metrics`` and ``/status`` until ``stop()``."""
+    """Serves ``/livez``, ``/readyz``, ``/metrics`` and JSON routes until ``stop()``."""
 
     def __init__(
         self,
@@ -69,12 +69,14 @@ class HealthServer:
         self.host = host
         self._port = port
         self.registry = registry
-        self._status = status
+        self._json_routes: dict[str, Callable[[], Any]] = {}
+        if status is not None:
+            self.add_json_route("/status", status)
         self._checks: list[_Check] = []
         self._read_timeout_s = read_timeout_s
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[Any]] = set()
-        self.log = logger or get_logger("esper.weatherlight.http")
+        self.log = logger or get_logger("esper.http")
 
     @classmethod
     def from_settings(cls, settings: Any, **kwargs: Any) -> HealthServer:
@@ -86,6 +88,12 @@ class HealthServer:
         if any(c.name == name for c in self._checks):
             raise ValueError(f"duplicate readiness check {name!r}")
         self._checks.append(_Check(name, check, timeout_s))
+
+    def add_json_route(self, path: str, body: Callable[[], Any]) -> None:
+        """Serve ``GET path`` as the JSON rendering of ``body()`` (e.g. ``/status``, ``/alerts``)."""
+        if path in ("/livez", "/readyz", "/metrics") or path in self._json_routes:
+            raise ValueError(f"route {path!r} is already served")
+        self._json_routes[path] = body
 
     @property
     def port(self) -> int:
@@ -180,8 +188,9 @@ class HealthServer:
             return await self._readyz(verbose="verbose" in query)
         if parts.path == "/metrics":
             return _Response(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
-        if parts.path == "/status" and self._status is not None:
-            body = json.dumps(self._status(), default=str, sort_keys=True).encode()
+        route = self._json_routes.get(parts.path)
+        if route is not None:
+            body = json.dumps(route(), default=str, sort_keys=True).encode()
             return _Response(200, body + b"\n", "application/json")
         return _Response(404, b"not found\n")
 
