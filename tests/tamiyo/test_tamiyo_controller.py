@@ -50,12 +50,16 @@ def test_germinate_command_is_signed_addressed_and_stamped_now() -> None:
     assert command.seed_operation.blueprint_id == "BP003"
     assert 0.0 <= command.seed_operation.parameters["alpha"] <= 1.0
     assert command.target_seed_id == "seed-1"
-    assert command.version == 1 and command.issued_by == "tamiyo" and len(command.command_id) == 32
+    assert command.version == 1
+    assert command.issued_by == "tamiyo"
+    assert len(command.command_id) == 32
     assert abs(command.issued_at.ToNanoseconds() / 1e9 - time.time()) < 5  # not 1970
     ann = command.annotations
     assert ann["training_run_id"] == "run-1"
-    assert ann["policy_action"] == "germinate" and ann["policy_version"] == "0"
-    assert ann["blueprint_tier"] == "BLUEPRINT_TIER_SAFE" and ann["blueprint_risk"] == "0.10"
+    assert ann["policy_action"] == "germinate"
+    assert ann["policy_version"] == "0"
+    assert ann["blueprint_tier"] == "BLUEPRINT_TIER_SAFE"
+    assert ann["blueprint_risk"] == "0.10"
     assert verify_command(command, keyring())
     assert not verify_command(command, KeyRing(b"another-secret-entirely-0123456789"))
     tampered = S.AdaptationCommand()
@@ -77,7 +81,8 @@ def test_same_state_gives_same_command_fields() -> None:
     state = make_state()
     a = controller().evaluate(state).command
     b = controller().evaluate(state).command
-    assert a is not None and b is not None
+    assert a is not None
+    assert b is not None
     assert a.command_id != b.command_id
     assert _comparable(a) == _comparable(b)
 
@@ -85,7 +90,8 @@ def test_same_state_gives_same_command_fields() -> None:
 def test_next_seed_slot_comes_from_seed_states() -> None:
     state = make_state(seeds=(("seed-1", S.SEED_STAGE_FOSSILIZED), ("seed-3", S.SEED_STAGE_CULLED)))
     command = controller().evaluate(state).command
-    assert command is not None and command.target_seed_id == "seed-4"
+    assert command is not None
+    assert command.target_seed_id == "seed-4"
 
 
 @pytest.mark.parametrize("stage", [S.SEED_STAGE_GERMINATED, S.SEED_STAGE_TRAINING, S.SEED_STAGE_BLENDING])
@@ -98,11 +104,17 @@ def test_no_germination_while_a_graft_is_in_flight(stage: S.SeedLifecycleStage.V
 def test_max_seeds_limits_growth() -> None:
     seeds = tuple((f"seed-{i}", S.SEED_STAGE_FOSSILIZED) for i in range(1, 3))
     decision = controller(config=ControllerConfig(max_seeds=2)).evaluate(make_state(seeds=seeds))
-    assert decision.command is None and "germination_deferred" in decision.events
+    assert decision.command is None
+    assert "germination_deferred" in decision.events
 
 
 @pytest.mark.parametrize(
-    "bad", [descriptor("BP003", quarantine_only=True), descriptor("BP003", risk=0.8), descriptor("BP003", risk=0.95)]
+    "bad",
+    [
+        descriptor("BP003", quarantine_only=True),
+        descriptor("BP003", risk=0.8),
+        descriptor("BP003", risk=0.95),
+    ],
 )
 def test_quarantine_or_high_risk_blueprint_pauses_without_payload(bad: S.BlueprintDescriptor) -> None:
     decision = controller(catalog=safe_catalog(bad)).evaluate(make_state())
@@ -122,7 +134,8 @@ def test_loss_spike_for_the_same_run_pauses() -> None:
     assert ctl.evaluate(make_state(validation_loss=1.0)).command.command_type == S.COMMAND_OPTIMIZER  # type: ignore[union-attr]
     # another run's loss does not count as a spike for run-1
     other = ctl.evaluate(make_state(run_id="run-2", validation_loss=5.0))
-    assert other.command is not None and other.command.command_type == S.COMMAND_OPTIMIZER
+    assert other.command is not None
+    assert other.command.command_type == S.COMMAND_OPTIMIZER
     spiked = ctl.evaluate(make_state(validation_loss=1.2))
     assert spiked.command is not None
     assert spiked.command.command_type == S.COMMAND_PAUSE
@@ -136,7 +149,8 @@ def test_loss_spike_pauses_the_seed_being_grafted() -> None:
     assert ctl.evaluate(make_state(validation_loss=1.0)).command is None
     state = make_state(validation_loss=1.5, seeds=(("seed-1", S.SEED_STAGE_TRAINING),))
     command = ctl.evaluate(state).command
-    assert command is not None and command.command_type == S.COMMAND_PAUSE
+    assert command is not None
+    assert command.command_type == S.COMMAND_PAUSE
     assert command.target_seed_id == "seed-1"
 
 
@@ -184,7 +198,9 @@ def test_blueprint_metadata_is_cached_with_ttl() -> None:
     with pytest.raises(KeyError):
         cache.get("BP999")
     assert source.calls == 3  # unknown ids are not cached
-    ctl = TamiyoController(keyring(), cache, registry=TamiyoPolicyRegistry(biased_policy(PolicyAction.GERMINATE)))
+    ctl = TamiyoController(
+        keyring(), cache, registry=TamiyoPolicyRegistry(biased_policy(PolicyAction.GERMINATE))
+    )
     ctl.evaluate(make_state())
     assert source.calls == 3  # BP003 served from the cache
 
@@ -215,7 +231,8 @@ def test_previous_command_is_closed_by_a_stored_field_report(tmp_path: Path) -> 
     assert first.field_report is None
     second = ctl.evaluate(make_state(validation_loss=0.9, epoch=4))
     report = second.field_report
-    assert report is not None and first.command is not None
+    assert report is not None
+    assert first.command is not None
     assert report.command_id == first.command.command_id
     assert report.outcome == S.FIELD_REPORT_OUTCOME_SUCCESS
     assert report.training_run_id == "run-1"

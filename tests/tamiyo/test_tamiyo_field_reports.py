@@ -15,7 +15,11 @@ HOUR = 3600.0
 
 def _command(n: int = 1) -> S.AdaptationCommand:
     command = S.AdaptationCommand(
-        version=1, command_id=f"cmd-{n}", command_type=S.COMMAND_SEED, target_seed_id=f"seed-{n}", issued_by="tamiyo"
+        version=1,
+        command_id=f"cmd-{n}",
+        command_type=S.COMMAND_SEED,
+        target_seed_id=f"seed-{n}",
+        issued_by="tamiyo",
     )
     command.seed_operation.operation = S.SEED_OP_GERMINATE
     command.seed_operation.blueprint_id = "BP003"
@@ -32,8 +36,11 @@ def _report(n: int, issued_at: float = 1_000_000.0) -> S.FieldReport:
 
 def test_report_fields_come_from_the_command() -> None:
     report = _report(2)
-    assert report.command_id == "cmd-2" and report.seed_id == "seed-2" and report.blueprint_id == "BP003"
-    assert report.training_run_id == "run-1" and report.tamiyo_policy_version == "4"
+    assert report.command_id == "cmd-2"
+    assert report.seed_id == "seed-2"
+    assert report.blueprint_id == "BP003"
+    assert report.training_run_id == "run-1"
+    assert report.tamiyo_policy_version == "4"
     assert report.issued_at.seconds == 1_000_000
     assert abs(report.metrics["loss_delta"] + 0.2) < 1e-6
     with pytest.raises(ValueError, match="FieldReportOutcome"):
@@ -42,7 +49,8 @@ def test_report_fields_come_from_the_command() -> None:
 
 def test_report_ids_are_unique_uuids() -> None:
     ids = {_report(1).report_id for _ in range(200)}
-    assert len(ids) == 200 and all(len(i) == 32 for i in ids)
+    assert len(ids) == 200
+    assert all(len(i) == 32 for i in ids)
 
 
 def test_append_and_reload(tmp_path: Path) -> None:
@@ -93,7 +101,8 @@ def test_implausible_length_is_corruption_not_an_allocation(tmp_path: Path) -> N
     path = tmp_path / "reports.log"
     path.write_bytes(b"\xff\xff\xff\xff" + os.urandom(32))
     store = FieldReportStore(path)
-    assert store.reports() == [] and path.stat().st_size == 0
+    assert store.reports() == []
+    assert path.stat().st_size == 0
 
 
 def test_retention_rewrites_the_log(tmp_path: Path) -> None:

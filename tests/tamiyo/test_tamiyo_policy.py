@@ -28,8 +28,15 @@ _SCRIPT = textwrap.dedent(
 def test_feature_vector_layout_is_fixed() -> None:
     features = extract_features(make_state(), None)
     assert features.shape == (FEATURE_DIM,)
-    assert FEATURE_NAMES[:5] == ("validation_loss", "validation_accuracy", "training_loss", "log_epoch", "loss_trend")
-    assert FEATURE_NAMES[8] == "seeds_dormant" and FEATURE_NAMES[18] == "seeds_terminated"
+    assert FEATURE_NAMES[:5] == (
+        "validation_loss",
+        "validation_accuracy",
+        "training_loss",
+        "log_epoch",
+        "loss_trend",
+    )
+    assert FEATURE_NAMES[8] == "seeds_dormant"
+    assert FEATURE_NAMES[18] == "seeds_terminated"
     assert len(set(FEATURE_NAMES)) == FEATURE_DIM
 
 
@@ -40,8 +47,10 @@ def test_features_sanitize_non_finite_and_count_stages() -> None:
     state.validation_loss = float("nan")
     values = dict(zip(FEATURE_NAMES, extract_features(state, 0.2).tolist(), strict=True))
     assert values["validation_loss"] == 0.0
-    assert values["seeds_training"] == 2.0 and values["seeds_total"] == 2.0
-    assert abs(values["loss_trend"] - 0.2) < 1e-6 and values["has_previous"] == 1.0
+    assert values["seeds_training"] == 2.0
+    assert values["seeds_total"] == 2.0
+    assert abs(values["loss_trend"] - 0.2) < 1e-6
+    assert values["has_previous"] == 1.0
 
 
 def test_decision_is_deterministic_even_if_left_in_train_mode() -> None:
@@ -56,12 +65,18 @@ def test_decision_is_deterministic_even_if_left_in_train_mode() -> None:
 
 def test_same_seed_gives_same_action_across_processes() -> None:
     runs = [
-        subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, check=True).stdout.strip()
+        subprocess.run(
+            [sys.executable, "-c", _SCRIPT], capture_output=True, text=True, check=True
+        ).stdout.strip()
         for _ in range(2)
     ]
     assert runs[0] == runs[1]
     state = leyline_pb2.SystemStatePacket(
-        current_epoch=3, validation_loss=1.0, validation_accuracy=0.5, training_loss=0.9, training_run_id="run-x"
+        current_epoch=3,
+        validation_loss=1.0,
+        validation_accuracy=0.5,
+        training_loss=0.9,
+        training_run_id="run-x",
     )
     state.training_metrics["gradient_norm"] = 2.5
     out = TamiyoPolicy(PolicyConfig(seed=7)).decide(extract_features(state, 0.05))

@@ -5,7 +5,7 @@ actually taken: a positive reward raises ``log p(taken)`` (cross-entropy
 weighted by the reward), a negative reward lowers it through the bounded
 unlikelihood term ``-log(1 - p(taken))`` (plain negative cross-entropy would
 be unbounded below). The blueprint head trains only on germinations with a
-known candidate. Training is full-batch and seeded, so the same reports give
+known candidate. Training is full-batch with no sampling, so the same reports give
 the same weights.
 
 The update is validated before it is offered: the loss must be finite and
