@@ -14,9 +14,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from esper.core.telemetry import TelemetryEvent, TelemetryMetric, build_telemetry_packet
+from esper.kasmina.acquisition import KernelAcquisition
 from esper.kasmina.commands import dispatch_command
 from esper.kasmina.context import SeedContext
-from esper.kasmina.core import CRITICAL, INFO, WARNING, SeedManagerCore
+from esper.kasmina.core import CRITICAL, INFO, WARNING
 from esper.kasmina.lifecycle import ACTIVE_STAGES, stage_name
 from esper.kasmina.telemetry import PRIORITY_INDICATOR, packet_level, packet_priority, priority_name
 from esper.leyline import leyline_pb2
@@ -37,7 +38,7 @@ class CommandResult:
         return self.status == "applied"
 
 
-class KasminaSeedManager(SeedManagerCore):
+class KasminaSeedManager(KernelAcquisition):
     """Seeds of one training run; see :mod:`esper.kasmina.core` for the stage schedule."""
 
     # ------------------------------------------------------------- training loop
