@@ -16,7 +16,7 @@ from esper.tamiyo import (
     extract_features,
     generate_field_report,
 )
-from esper.tamiyo.controller import FEATURE_METRIC_PREFIX
+from esper.tamiyo.decision import FEATURE_METRIC_PREFIX
 from esper.tamiyo.payload import decode_payload, encode_tensors
 from esper.tamiyo.simic import OUTCOME_REWARD, build_training_set, report_reward, train_policy_update
 
@@ -49,8 +49,9 @@ def test_rewards_use_only_real_outcomes() -> None:
     }
     state = make_state()
     ok = _report(state, PolicyAction.GERMINATE, S.FIELD_REPORT_OUTCOME_SUCCESS, "BP003", loss_delta=-0.2)
-    assert report_reward(ok) is not None
-    assert abs(report_reward(ok) - 1.2) < 1e-6
+    reward = report_reward(ok)
+    assert reward is not None
+    assert abs(reward - 1.2) < 1e-6
     aborted = _report(state, PolicyAction.GERMINATE, S.FIELD_REPORT_OUTCOME_ABORTED, "BP003")
     assert report_reward(aborted) == -1.0
     unspecified = _report(state, PolicyAction.NO_OP, S.FIELD_REPORT_OUTCOME_SUCCESS)

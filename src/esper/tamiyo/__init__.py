@@ -7,7 +7,8 @@ field reports it returns; policy updates go through
 :mod:`esper.tamiyo.simic`.
 """
 
-from esper.tamiyo.controller import ControllerConfig, Decision, TamiyoController
+from esper.tamiyo.controller import TamiyoController
+from esper.tamiyo.decision import FEATURE_METRIC_PREFIX, ControllerConfig, Decision
 from esper.tamiyo.features import FEATURE_DIM, FEATURE_NAMES, extract_features
 from esper.tamiyo.field_reports import FieldReportStore, generate_field_report
 from esper.tamiyo.metadata import BlueprintMetadataSource, CachedBlueprintMetadata, StaticBlueprintMetadata
@@ -29,6 +30,7 @@ from esper.tamiyo.registry import (
 __all__ = [
     "DEFAULT_BLUEPRINT_CANDIDATES",
     "FEATURE_DIM",
+    "FEATURE_METRIC_PREFIX",
     "FEATURE_NAMES",
     "BlueprintMetadataSource",
     "CachedBlueprintMetadata",

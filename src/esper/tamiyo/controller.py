@@ -25,10 +25,10 @@ Per packet:
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 import torch
 
@@ -41,10 +41,11 @@ from esper.core import (
 )
 from esper.leyline import leyline_pb2
 from esper.security import KeyRing, sign_command
+from esper.tamiyo.decision import FEATURE_METRIC_PREFIX, ControllerConfig, Decision, build_decision_telemetry
 from esper.tamiyo.features import FEATURE_NAMES, feature_values
 from esper.tamiyo.field_reports import FieldReportStore, generate_field_report
 from esper.tamiyo.metadata import BlueprintMetadataSource, CachedBlueprintMetadata
-from esper.tamiyo.policy import PolicyAction, PolicyConfig, PolicyOutput, TamiyoPolicy
+from esper.tamiyo.policy import PolicyAction, PolicyConfig, TamiyoPolicy
 from esper.tamiyo.registry import PolicyUpdateResult, TamiyoPolicyRegistry
 from esper.tamiyo.run_state import (
     FAILED_STAGES,
@@ -60,41 +61,6 @@ from esper.tamiyo.telemetry_buffer import TelemetryBuffer
 
 _LOG = get_logger(__name__)
 WARNING = leyline_pb2.TELEMETRY_LEVEL_WARNING
-#: Metric key prefix under which field reports carry the decision's features.
-FEATURE_METRIC_PREFIX = "feature."
-
-
-@dataclass(frozen=True)
-class ControllerConfig:
-    max_loss_spike: float = 0.15
-    max_blueprint_risk: float = 0.8
-    #: None: take ``settings.tamiyo_conservative_mode`` (False without settings).
-    conservative_mode: bool | None = None
-    #: Live seeds (GERMINATED..FOSSILIZED) allowed per run.
-    max_seeds: int = 4
-    max_runs: int = 1024
-    telemetry_capacity: int = 256
-    metadata_ttl_s: float = 300.0
-    base_alpha: float = 0.1
-    alpha_scale: float = 0.1
-    optimizer_id: str = "sgd"
-    lr_delta_scale: float = 0.1
-    execution_deadline_ms: int = 0
-    #: |loss change| below this is a NEUTRAL outcome.
-    neutral_loss_band: float = 0.01
-
-
-@dataclass(frozen=True)
-class Decision:
-    """What one packet produced. ``telemetry`` is also queued for :meth:`drain_telemetry`."""
-
-    command: leyline_pb2.AdaptationCommand | None
-    telemetry: leyline_pb2.TelemetryPacket
-    action: PolicyAction
-    policy_output: PolicyOutput
-    events: tuple[str, ...]
-    #: The report closing this run's previous command, if there was one.
-    field_report: leyline_pb2.FieldReport | None = None
 
 
 class TamiyoController:
@@ -127,6 +93,7 @@ class TamiyoController:
         self._conservative = conservative
         self._runs = RunStateTable(self.config.max_runs)
         self._telemetry = TelemetryBuffer(self.config.telemetry_capacity)
+        self._evaluate_lock = threading.Lock()
 
     @classmethod
     def from_settings(
@@ -227,7 +194,15 @@ class TamiyoController:
 
     # -- the decision -----------------------------------------------------
     def evaluate(self, state: leyline_pb2.SystemStatePacket) -> Decision:
-        """Decide on one packet; never raises for bad metadata (it becomes an event)."""
+        """Decide on one packet; never raises for bad metadata (it becomes an event).
+
+        Calls are serialised by a lock so per-run history stays consistent
+        when the service evaluates from worker threads.
+        """
+        with self._evaluate_lock:
+            return self._evaluate(state)
+
+    def _evaluate(self, state: leyline_pb2.SystemStatePacket) -> Decision:
         cfg = self.config
         run_id = state.training_run_id
         run = self._runs.get(run_id)
@@ -329,8 +304,17 @@ class TamiyoController:
         run.previous_accuracy = float(state.validation_accuracy)
         run.last_epoch = int(state.current_epoch)
 
-        telemetry = self._telemetry_packet(
-            state, command, output, events, loss_trend, latency_ms, descriptor, risk_reason, version
+        telemetry = build_decision_telemetry(
+            state,
+            command,
+            output,
+            events,
+            loss_trend,
+            latency_ms,
+            descriptor,
+            risk_reason,
+            version,
+            self._conservative,
         )
         self._telemetry.append(telemetry)
         return Decision(
@@ -423,57 +407,4 @@ class TamiyoController:
             training_run_id=state.training_run_id,
             blueprint_id=blueprint,
             notes=f"action={pending.action.name.lower()}",
-        )
-
-    def _telemetry_packet(
-        self,
-        state: leyline_pb2.SystemStatePacket,
-        command: leyline_pb2.AdaptationCommand | None,
-        output: PolicyOutput,
-        events: list[TelemetryEvent],
-        loss_trend: float | None,
-        latency_ms: float,
-        descriptor: leyline_pb2.BlueprintDescriptor | None,
-        risk_reason: str,
-        version: int,
-    ) -> leyline_pb2.TelemetryPacket:
-        metrics = [
-            TelemetryMetric("tamiyo.validation_loss", float(state.validation_loss)),
-            TelemetryMetric("tamiyo.loss_delta", loss_trend or 0.0),
-            TelemetryMetric("tamiyo.conservative_mode", 1.0 if self._conservative else 0.0),
-            TelemetryMetric("tamiyo.inference.latency_ms", latency_ms, unit="ms"),
-            TelemetryMetric("tamiyo.policy.version", float(version)),
-        ]
-        if descriptor is not None:
-            metrics.append(TelemetryMetric("tamiyo.blueprint.risk", float(descriptor.risk)))
-        levels = [e.level for e in events]
-        paused = command is not None and command.command_type == leyline_pb2.COMMAND_PAUSE
-        if leyline_pb2.TELEMETRY_LEVEL_CRITICAL in levels:
-            health = leyline_pb2.HEALTH_STATUS_CRITICAL
-        elif paused or WARNING in levels:
-            health = leyline_pb2.HEALTH_STATUS_DEGRADED
-        else:
-            health = leyline_pb2.HEALTH_STATUS_HEALTHY
-        if paused:
-            summary = risk_reason or "policy_pause"
-        elif events:
-            summary = events[-1].description
-        else:
-            summary = "stable"
-        indicators = {
-            "policy_version": str(version),
-            "action": output.action.name.lower(),
-            "conservative_mode": "1" if self._conservative else "0",
-            "training_run_id": state.training_run_id,
-        }
-        if descriptor is not None:
-            indicators["blueprint_tier"] = leyline_pb2.BlueprintTier.Name(descriptor.tier)
-        return build_telemetry_packet(
-            source="tamiyo",
-            metrics=metrics,
-            events=events,
-            level=WARNING if WARNING in levels else leyline_pb2.TELEMETRY_LEVEL_INFO,
-            health_status=health,
-            health_summary=summary,
-            health_indicators=indicators,
         )

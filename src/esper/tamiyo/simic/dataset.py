@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from esper.leyline import leyline_pb2
-from esper.tamiyo.controller import FEATURE_METRIC_PREFIX
+from esper.tamiyo.decision import FEATURE_METRIC_PREFIX
 from esper.tamiyo.features import FEATURE_NAMES, feature_values
 from esper.tamiyo.policy import PolicyAction
 
