@@ -682,6 +682,9 @@ class UrzaLibrary:
             if not checksum or not guard_digest:
                 raise ChecksumMismatch(f"{artifact_ref}: checksum and guard digest are required",
                                        blueprint_id=bid)
+            if Path(rel).name != f"{checksum[:16]}{fmt.SUFFIX}":
+                raise ChecksumMismatch(f"{artifact_ref} does not name checksum {checksum[:16]}…",
+                                       blueprint_id=bid)
             return self._module(bid, checksum, guard_digest, self.root / rel, artifact_ref)
         except UrzaError as exc:
             raise self._error(exc) from None
