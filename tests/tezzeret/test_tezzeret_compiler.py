@@ -35,7 +35,8 @@ def test_every_blueprint_has_a_documented_family() -> None:
     doc = DOCS.read_text()
     for bid in ALL_IDS:
         family, _ = BLUEPRINT_FAMILIES[bid]
-        assert f"| {bid} |" in doc and family in doc, bid
+        assert f"| {bid} |" in doc, bid
+        assert f"`{family}`" in doc, bid
     import esper.tezzeret.kernels as kernels
 
     assert all(bid in (kernels.__doc__ or "") for bid in ALL_IDS)
@@ -54,18 +55,22 @@ def test_every_blueprint_compiles_runs_and_reloads(compiler: TezzeretCompiler, d
         result = compiler.compile(bid, d=d)
         blob = result.artifact_path.read_bytes()
         assert sha256_hex(blob) == result.checksum
-        module, manifest = load_bytes(blob, expected_checksum=result.checksum,
-                                      expected_guard=result.guard_digest)
-        assert manifest.blueprint_id == bid and manifest.d == d
+        module, manifest = load_bytes(
+            blob, expected_checksum=result.checksum, expected_guard=result.guard_digest
+        )
+        assert manifest.blueprint_id == bid
+        assert manifest.d == d
         module.train()
         x = torch.randn(3, d, requires_grad=True)
         y = module(x)
         assert y.shape == (3, d), bid
         y.square().mean().backward()
-        assert x.grad is not None and torch.isfinite(x.grad).all(), bid
+        assert x.grad is not None, bid
+        assert torch.isfinite(x.grad).all(), bid
         for p in module.parameters():
             assert p.grad is None or torch.isfinite(p.grad).all(), bid
-        assert result.compile_ms > 0 and len(result.prewarm_samples_ms) == 3
+        assert result.compile_ms > 0
+        assert len(result.prewarm_samples_ms) == 3
         update = result.catalog_update
         assert isinstance(update, leyline_pb2.KernelCatalogUpdate)
         assert update.artifact_ref == f"urza://{bid}/{result.checksum[:16]}"
@@ -92,7 +97,8 @@ def test_named_families_behave(compiler: TezzeretCompiler) -> None:
     single = build_kernel("BP020", {"sequence_length": 64}, d)
     assert single.attn.num_heads == 1
     mha = build_kernel("BP022", {"heads": 5}, 7)  # heads need not divide d
-    assert mha.attn.num_heads == 5 and mha(torch.randn(2, 7)).shape == (2, 7)
+    assert mha.attn.num_heads == 5
+    assert mha(torch.randn(2, 7)).shape == (2, 7)
     mha8 = build_kernel("BP029", {"heads": 8}, d)
     assert mha8.attn.num_heads == 8
     scale = build_kernel("BP012", {"scale": 0.8}, d)
@@ -105,7 +111,8 @@ def test_build_is_deterministic_and_artifacts_are_reproducible(tmp_path: Path) -
     a = build_kernel("BP009", {"depth": 2}, 16)
     b = build_kernel("BP009", {"depth": 2}, 16)
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
-        assert ka == kb and torch.equal(va, vb)
+        assert ka == kb
+        assert torch.equal(va, vb)
     c1 = TezzeretCompiler(tmp_path / "one").compile("BP006", d=16)
     c2 = TezzeretCompiler(tmp_path / "two").compile("BP006", d=16)
     assert c1.checksum == c2.checksum  # batch-norm stats captured before the checks
@@ -115,12 +122,14 @@ def test_artifact_is_safetensors_not_pickle(compiler: TezzeretCompiler) -> None:
     result = compiler.compile("BP009", {"depth": 2}, d=32)
     blob = result.artifact_path.read_bytes()
     assert result.artifact_path.suffix == ".safetensors"
-    assert not blob.startswith(b"\x80") and not blob.startswith(b"PK")
+    assert not blob.startswith(b"\x80")
+    assert not blob.startswith(b"PK")
     with pytest.raises(Exception):  # noqa: B017,PT011 - not a pickle at all
         pickle.loads(blob)
     with safe_open(str(result.artifact_path), framework="pt") as fh:
         manifest = json.loads(fh.metadata()["esper_manifest"])
-    assert manifest["family"] == "residual_mlp" and manifest["family_args"] == {"depth": 2}
+    assert manifest["family"] == "residual_mlp"
+    assert manifest["family_args"] == {"depth": 2}
     assert manifest["guard_digest"] == result.guard_digest
     assert manifest["torch_version"] == torch.__version__
     assert parse_manifest(blob).parameters == {"depth": 2.0}

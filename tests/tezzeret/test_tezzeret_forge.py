@@ -38,8 +38,9 @@ class CrashingCompiler(TezzeretCompiler):
 def _forge(tmp_path: Path, database_url: str, **kw):
     catalog = KarnCatalog()
     library = UrzaLibrary(tmp_path / "artifacts", database_url)
-    compiler = CrashingCompiler(library.root, catalog=catalog, prewarm_iterations=2,
-                                crash_after=kw.pop("crash_after", None))
+    compiler = CrashingCompiler(
+        library.root, catalog=catalog, prewarm_iterations=2, crash_after=kw.pop("crash_after", None)
+    )
     return TezzeretForge(catalog, library, compiler, **kw), library, compiler
 
 
@@ -50,8 +51,9 @@ async def test_forge_crash_and_resume(tmp_path: Path, database_url: str) -> None
     async def on_update(update: leyline_pb2.KernelCatalogUpdate) -> None:
         updates.append(update)
 
-    forge, library, compiler = _forge(tmp_path, database_url, crash_after=3,
-                                      on_catalog_update=on_update, progress=progress.append)
+    forge, library, compiler = _forge(
+        tmp_path, database_url, crash_after=3, on_catalog_update=on_update, progress=progress.append
+    )
     with pytest.raises(Boom):
         await forge.arun(16, IDS)
     assert compiler.compiled == IDS[:3]
@@ -62,23 +64,25 @@ async def test_forge_crash_and_resume(tmp_path: Path, database_url: str) -> None
     forge2, library2, compiler2 = _forge(tmp_path, database_url, progress=progress.append)
     report = await forge2.arun(16, IDS)
     assert compiler2.compiled == IDS[3:]  # finished kernels are not recompiled
-    assert report.skipped == IDS[:3] and report.compiled == IDS[3:]
+    assert report.skipped == IDS[:3]
+    assert report.compiled == IDS[3:]
     assert [r.blueprint_id for r in library2.list_all()] == IDS
     assert progress[-1].index == progress[-1].total == len(IDS)
     assert {p.status for p in progress} == {"compiled", "skipped"}
 
     # Another width is a different job; the same width again is a no-op.
     again = await forge2.arun(16, IDS)
-    assert again.compiled == [] and again.skipped == IDS
+    assert again.compiled == []
+    assert again.skipped == IDS
     forced = await forge2.arun(16, IDS[:1], force=True)
     assert forced.compiled == IDS[:1]
     library2.close()
 
 
 async def test_torn_log_line_is_ignored_and_missing_row_recompiles(tmp_path: Path, database_url: str) -> None:
-    forge, library, compiler = _forge(tmp_path, database_url)
+    forge, library, _compiler = _forge(tmp_path, database_url)
     await forge.arun(8, ["BP001", "BP002"])
-    with open(forge.log.path, "a") as fh:
+    with forge.log.path.open("a") as fh:
         fh.write('{"event": "done", "blueprint_id": "BP0')  # crash mid-append
     library.delete("BP002")
     assert forge.pending(8, ["BP001", "BP002"]) == ["BP002"]
@@ -95,14 +99,16 @@ async def test_publish_failure_is_reported_not_fatal(tmp_path: Path, database_ur
 
     forge, library, _ = _forge(tmp_path, database_url, on_catalog_update=failing)
     report = await forge.arun(8, ["BP001"])
-    assert report.compiled == ["BP001"] and report.publish_failures == ["BP001"]
+    assert report.compiled == ["BP001"]
+    assert report.publish_failures == ["BP001"]
     assert library.get("BP001") is not None
     library.close()
 
 
 async def test_run_forge_with_settings(tmp_path: Path) -> None:
-    settings = EsperSettings(urza_artifact_dir=tmp_path / "a",
-                             urza_database_url=f"sqlite:///{tmp_path / 'c.db'}")
+    settings = EsperSettings(
+        urza_artifact_dir=tmp_path / "a", urza_database_url=f"sqlite:///{tmp_path / 'c.db'}"
+    )
     seen: list[str] = []
 
     async def on_update(update: leyline_pb2.KernelCatalogUpdate) -> None:
@@ -119,21 +125,32 @@ async def test_run_forge_with_settings(tmp_path: Path) -> None:
 def test_forge_whole_catalogue(tmp_path: Path) -> None:
     catalog = KarnCatalog()
     library = UrzaLibrary(tmp_path / "a", f"sqlite:///{tmp_path / 'c.db'}")
-    forge = TezzeretForge(catalog, library, TezzeretCompiler(library.root, catalog=catalog,
-                                                             prewarm_iterations=2))
+    forge = TezzeretForge(
+        catalog, library, TezzeretCompiler(library.root, catalog=catalog, prewarm_iterations=2)
+    )
     report = forge.run(24)
-    assert len(report.compiled) == 50 and len(library.list_all()) == 50
+    assert len(report.compiled) == 50
+    assert len(library.list_all()) == 50
     for record in library.list_all():
-        assert record.d == 24 and record.checksum and record.prewarm_samples
+        assert record.d == 24
+        assert record.checksum
+        assert record.prewarm_samples
     library.close()
 
 
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], isolated_env: Path) -> None:
-    args = ["--width", "8", "--artifact-dir", str(tmp_path / "a"),
-            "--database-url", f"sqlite:///{tmp_path / 'c.db'}"]
+    args = [
+        "--width",
+        "8",
+        "--artifact-dir",
+        str(tmp_path / "a"),
+        "--database-url",
+        f"sqlite:///{tmp_path / 'c.db'}",
+    ]
     assert main([*args, "--blueprints", "BP001,bp002"]) == 0
     err = capsys.readouterr().err
-    assert "2/2" in err and "2 compiled" in err
+    assert "2/2" in err
+    assert "2 compiled" in err
     assert main([*args, "--blueprints", "BP001,BP002", "--quiet"]) == 0
     assert "0 compiled, 2 already done" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:

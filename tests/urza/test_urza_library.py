@@ -44,8 +44,12 @@ def _compile(lib: UrzaLibrary, bid: str = "BP009", d: int = 32, params=None) -> 
 
 def _save(lib: UrzaLibrary, bid: str = "BP009", d: int = 32, params=None):
     result = _compile(lib, bid, d, params)
-    record = lib.save(CATALOG.get(bid), result.artifact_path, result.catalog_update,
-                      prewarm_samples=result.prewarm_samples_ms)
+    record = lib.save(
+        CATALOG.get(bid),
+        result.artifact_path,
+        result.catalog_update,
+        prewarm_samples=result.prewarm_samples_ms,
+    )
     return result, record
 
 
@@ -58,7 +62,9 @@ def test_save_get_and_record_fields(library: UrzaLibrary) -> None:
     assert record.artifact_ref == f"urza://BP009/{result.checksum[:16]}"
     assert record.file_size == result.artifact_path.stat().st_size
     assert record.mtime_ns == result.artifact_path.stat().st_mtime_ns
-    assert record.d == 32 and record.dtype == "float32" and record.tier == SAFE
+    assert record.d == 32
+    assert record.dtype == "float32"
+    assert record.tier == SAFE
     assert record.compile_ms == pytest.approx(result.compile_ms)
     assert len(record.prewarm_samples) == 5
     assert record.descriptor == CATALOG.get("BP009")
@@ -133,7 +139,9 @@ def test_fetch_never_returns_the_same_instance(library: UrzaLibrary) -> None:
     c(x).sum().backward()
     assert x.grad is not None
     snap = library.metrics_snapshot()
-    assert snap["cache_hits"] >= 2 and latency_a > 0 and latency_b > 0
+    assert snap["cache_hits"] >= 2
+    assert latency_a > 0
+    assert latency_b > 0
     with pytest.raises(KeyError):
         runtime.fetch_kernel("BP404")
 
@@ -212,12 +220,26 @@ def test_manifest_shape_mismatch_is_corrupt(tmp_path: Path) -> None:
     from esper.urza.artifact import load_bytes, serialize
 
     module = build_kernel("BP009", {"depth": 2}, 16)
-    blob, _ = serialize(module, blueprint_id="BP009", family="residual_mlp", family_args={"depth": 2},
-                        parameters={"depth": 2}, d=32, dtype="float32")  # lies about d
+    blob, _ = serialize(
+        module,
+        blueprint_id="BP009",
+        family="residual_mlp",
+        family_args={"depth": 2},
+        parameters={"depth": 2},
+        d=32,
+        dtype="float32",
+    )  # lies about d
     with pytest.raises(CorruptArtifact, match="family expects"):
         load_bytes(blob)
-    blob, _ = serialize(module, blueprint_id="BP009", family="residual_mlp", family_args={"depth": 3},
-                        parameters={"depth": 3}, d=16, dtype="float32")  # lies about depth
+    blob, _ = serialize(
+        module,
+        blueprint_id="BP009",
+        family="residual_mlp",
+        family_args={"depth": 3},
+        parameters={"depth": 3},
+        d=16,
+        dtype="float32",
+    )  # lies about depth
     with pytest.raises(CorruptArtifact, match="missing"):
         load_bytes(blob)
 
@@ -234,7 +256,8 @@ def test_interrupted_save_leaves_consistent_catalog(library: UrzaLibrary, monkey
         library.save(CATALOG.get("BP009"), result.artifact_path, result.catalog_update)
     monkeypatch.undo()
     record = library.get("BP009")
-    assert record is not None and record.checksum == first.checksum  # old row intact
+    assert record is not None
+    assert record.checksum == first.checksum
     assert library.verify_artifact("BP009").checksum == first.checksum  # and its file
     orphan = library.root / f"BP009/{result.checksum[:16]}.safetensors"
     assert orphan.exists()
@@ -263,7 +286,8 @@ def test_verify_never_rehashes_unchanged_file(library: UrzaLibrary) -> None:
     fresh = UrzaLibrary(library.root, library.database_url)
     try:
         info = fresh.verify_artifact("BP009")
-        assert info.artifact_ref == record.artifact_ref and info.checksum == record.checksum
+        assert info.artifact_ref == record.artifact_ref
+        assert info.checksum == record.checksum
         assert info.guard_digest == record.guard_digest
         assert info.prewarm_p50_ms == pytest.approx(percentile(record.prewarm_samples, 50))
         assert info.prewarm_p95_ms >= info.prewarm_p50_ms > 0
@@ -308,8 +332,9 @@ def test_load_verified_by_ref(library: UrzaLibrary) -> None:
         with pytest.raises(ChecksumMismatch, match="does not name"):
             other.load_verified("urza://BP009/0123456789abcdef", record.checksum, record.guard_digest)
         with pytest.raises(ArtifactNotFound):
-            other.load_verified("urza://BP009/0123456789abcdef", "0123456789abcdef" + "0" * 48,
-                                record.guard_digest)
+            other.load_verified(
+                "urza://BP009/0123456789abcdef", "0123456789abcdef" + "0" * 48, record.guard_digest
+            )
     finally:
         other.close()
 
@@ -321,7 +346,8 @@ def test_metrics_and_prometheus(library: UrzaLibrary) -> None:
     with pytest.raises(MissingArtifact):
         library.load("BP404")
     snap = library.metrics_snapshot()
-    assert snap["cache_hits"] >= 1 and snap["errors_by_reason"] == {"missing_artifact": 1}
+    assert snap["cache_hits"] >= 1
+    assert snap["errors_by_reason"] == {"missing_artifact": 1}
     assert snap["lookup_latency_ms"] > 0
     reg = library.registry
     assert reg.get_sample_value("urza_errors_total", {"reason": "missing_artifact"}) == 1
@@ -337,7 +363,8 @@ def test_ttl_only_evicts_memory(tmp_path: Path, database_url: str) -> None:
         time.sleep(0.03)
         lib.load("BP009")
         assert lib.metrics_snapshot()["cache_expired"] == 1
-        assert (lib.root / record.artifact_path).exists() and lib.get("BP009") is not None
+        assert (lib.root / record.artifact_path).exists()
+        assert lib.get("BP009") is not None
     finally:
         lib.close()
 
@@ -375,8 +402,10 @@ def test_sqlite_wal_and_url_handling(tmp_path: Path) -> None:
 def test_additive_migration(tmp_path: Path) -> None:
     db = tmp_path / "old.db"
     conn = sqlite3.connect(db)
-    conn.execute("CREATE TABLE urza_kernels (blueprint_id VARCHAR(64) PRIMARY KEY, name VARCHAR(128) NOT NULL,"
-                 " tier VARCHAR(40) NOT NULL, descriptor_json TEXT NOT NULL, artifact_path VARCHAR(255) NOT NULL)")
+    conn.execute(
+        "CREATE TABLE urza_kernels (blueprint_id VARCHAR(64) PRIMARY KEY, name VARCHAR(128) NOT NULL,"
+        " tier VARCHAR(40) NOT NULL, descriptor_json TEXT NOT NULL, artifact_path VARCHAR(255) NOT NULL)"
+    )
     conn.commit()
     conn.close()
     lib = UrzaLibrary(tmp_path / "a", f"sqlite:///{db}")
@@ -402,4 +431,5 @@ def test_load_latency_small_residual_mlp(library: UrzaLibrary) -> None:
     warm = sorted(runtime.fetch_kernel("BP009")[1] for _ in range(50))
     cold.sort()
     print(f"cold load_verified p50 {cold[15]:.2f} ms; fetch_kernel (row + cache) p50 {warm[25]:.2f} ms")
-    assert cold[15] < 10.0 and warm[25] < 10.0
+    assert cold[15] < 10.0
+    assert warm[25] < 10.0

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from esper.leyline import leyline_pb2
 
@@ -113,12 +113,12 @@ def _descriptor(
     desc = leyline_pb2.BlueprintDescriptor(
         blueprint_id=blueprint_id,
         name=name,
-        tier=tier,
+        tier=cast(Any, tier),
         risk=risk,
         stage=stage,
         quarantine_only=tier == HIGH_RISK,
         approval_required=tier in (EXPERIMENTAL, HIGH_RISK),
-        description=f"{name.replace('_', ' ')} ({leyline_pb2.BlueprintTier.Name(tier)})",
+        description=f"{name.replace('_', ' ')} ({leyline_pb2.BlueprintTier.Name(cast(Any, tier))})",
     )
     for key, (low, high) in bounds.items():
         desc.allowed_parameters[key].min_value = float(low)
@@ -228,9 +228,7 @@ class KarnCatalog:
         desc = self._items.get(blueprint_id)
         if desc is None:
             raise UnknownBlueprintError(blueprint_id)
-        return {
-            key: (b.min_value + b.max_value) / 2.0 for key, b in sorted(desc.allowed_parameters.items())
-        }
+        return {key: (b.min_value + b.max_value) / 2.0 for key, b in sorted(desc.allowed_parameters.items())}
 
     def choose_template(
         self,
@@ -257,7 +255,7 @@ class KarnCatalog:
         candidates.sort(key=lambda d: d.blueprint_id)
         if not candidates:
             raise ValueError(
-                f"no blueprint available for tier {leyline_pb2.BlueprintTier.Name(tier)}"
+                f"no blueprint available for tier {leyline_pb2.BlueprintTier.Name(cast(Any, tier))}"
                 f" (allow_adversarial={allow_adversarial}, conservative={conservative})"
             )
         if context is None or context == "" or context == b"":
@@ -270,7 +268,7 @@ class KarnCatalog:
 def tier_of(value: int | str) -> int:
     """Accept a BlueprintTier number, full name (``BLUEPRINT_TIER_SAFE``) or short name (``safe``)."""
     if isinstance(value, int):
-        leyline_pb2.BlueprintTier.Name(value)  # raises ValueError for unknown numbers
+        leyline_pb2.BlueprintTier.Name(cast(Any, value))  # raises ValueError for unknown numbers
         return value
     text = value.strip().upper()
     if text.isdigit():

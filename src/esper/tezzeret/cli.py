@@ -48,19 +48,38 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog="Exit status: 0 success, 1 a kernel failed to compile or save, 2 bad arguments or settings.",
     )
-    parser.add_argument("--width", "-d", type=_positive_int, required=True, metavar="D",
-                        help="slot width: kernels map [batch, D] to [batch, D] (required)")
-    parser.add_argument("--blueprints", "-b", metavar="IDS",
-                        help="comma-separated blueprint ids, e.g. BP001,BP009 (default: all 50)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
-                        help="parameter dtype of the kernels (default: float32)")
-    parser.add_argument("--artifact-dir", metavar="DIR",
-                        help="artifact directory (default: URZA_ARTIFACT_DIR or ./var/urza/artifacts)")
-    parser.add_argument("--database-url", metavar="URL",
-                        help="catalogue URL, sqlite:///path or postgresql://... "
-                             "(default: URZA_DATABASE_URL or sqlite:///./var/urza/catalog.db)")
-    parser.add_argument("--force", action="store_true",
-                        help="recompile even kernels a previous run finished")
+    parser.add_argument(
+        "--width",
+        "-d",
+        type=_positive_int,
+        required=True,
+        metavar="D",
+        help="slot width: kernels map [batch, D] to [batch, D] (required)",
+    )
+    parser.add_argument(
+        "--blueprints",
+        "-b",
+        metavar="IDS",
+        help="comma-separated blueprint ids, e.g. BP001,BP009 (default: all 50)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="float32",
+        help="parameter dtype of the kernels (default: float32)",
+    )
+    parser.add_argument(
+        "--artifact-dir",
+        metavar="DIR",
+        help="artifact directory (default: URZA_ARTIFACT_DIR or ./var/urza/artifacts)",
+    )
+    parser.add_argument(
+        "--database-url",
+        metavar="URL",
+        help="catalogue URL, sqlite:///path or postgresql://... "
+        "(default: URZA_DATABASE_URL or sqlite:///./var/urza/catalog.db)",
+    )
+    parser.add_argument("--force", action="store_true", help="recompile even kernels a previous run finished")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress line")
     return parser
 
@@ -118,15 +137,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     progress = None if args.quiet else ProgressLine(sys.stderr)
     try:
-        report = asyncio.run(run_forge(settings, args.width, ids, progress=progress, dtype=args.dtype,
-                                       force=args.force))
+        report = asyncio.run(
+            run_forge(settings, args.width, ids, progress=progress, dtype=args.dtype, force=args.force)
+        )
     except UnknownBlueprintError as exc:
         print(f"esper-forge: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (CompileError, UrzaError, OSError) as exc:
         print(f"\nesper-forge: failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except Exception as exc:  # a database error, for instance; keep the message, no traceback
+    except Exception as exc:  # noqa: BLE001 - a database error, for instance; keep the message, no traceback
         print(f"\nesper-forge: failed: {exc.__class__.__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     print(

@@ -120,8 +120,13 @@ class TezzeretCompiler:
         family, args = family_for(blueprint_id, params)
         module = build_kernel(blueprint_id, params, d, dtype)
         blob, manifest = fmt.serialize(
-            module, blueprint_id=blueprint_id, family=family, family_args=args,
-            parameters=params, d=d, dtype=dtype,
+            module,
+            blueprint_id=blueprint_id,
+            family=family,
+            family_args=args,
+            parameters=params,
+            d=d,
+            dtype=dtype,
         )  # pristine weights, captured before the checks touch any running statistics
         self._check(blueprint_id, module, d, torch_dtype)
         checksum = fmt.sha256_hex(blob)
@@ -145,7 +150,11 @@ class TezzeretCompiler:
         )
 
     async def acompile(
-        self, blueprint_id: str, parameters: Mapping[str, float] | None = None, *, d: int,
+        self,
+        blueprint_id: str,
+        parameters: Mapping[str, float] | None = None,
+        *,
+        d: int,
         dtype: str = "float32",
     ) -> CompileResult:
         return await asyncio.to_thread(self.compile, blueprint_id, parameters, d=d, dtype=dtype)
@@ -160,13 +169,15 @@ class TezzeretCompiler:
             raise CompileError(bid, "forward_failed", repr(exc)) from exc
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != (self.validation_batch, d):
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise CompileError(bid, "shape_mismatch", f"output {shape}, expected {(self.validation_batch, d)}")
+            expected = (self.validation_batch, d)
+            raise CompileError(bid, "shape_mismatch", f"output {shape}, expected {expected}")
         if out.dtype != dtype:
             raise CompileError(bid, "dtype_mismatch", f"output {out.dtype}, expected {dtype}")
         if not torch.isfinite(out).all():
             raise CompileError(bid, "non_finite_output", "forward produced NaN/Inf")
         try:
-            out.float().square().mean().backward()
+            loss: torch.Tensor = out.float().square().mean()
+            torch.autograd.backward(loss)
         except Exception as exc:
             raise CompileError(bid, "backward_failed", repr(exc)) from exc
         grads = [x.grad] + [p.grad for p in module.parameters() if p.requires_grad]

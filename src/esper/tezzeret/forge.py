@@ -14,7 +14,7 @@ that was in flight. A torn last line (crash while appending) is ignored.
 Notifications
 -------------
 ``progress(ForgeProgress)`` is called after each id (compiled or skipped).
-``on_catalog_update(update)`` – an async callable, e.g. a bus publisher – is
+``on_catalog_update(update)`` - an async callable, e.g. a bus publisher - is
 awaited after each saved kernel; its failures are logged and reported in
 ``ForgeReport.publish_failures`` but never undo or stop the forge.
 """
@@ -153,44 +153,63 @@ class TezzeretForge:
         started = time.perf_counter()
         selected = ids_in(self.catalog, ids) if ids is not None else self.catalog.ids()
         if force:
-            await asyncio.to_thread(self.log.append, {"event": "reset", "d": d, "dtype": dtype,
-                                                      "ts": time.time()})
+            await asyncio.to_thread(
+                self.log.append, {"event": "reset", "d": d, "dtype": dtype, "ts": time.time()}
+            )
         todo = set(await asyncio.to_thread(self.pending, d, selected, dtype=dtype))
         report = ForgeReport(d=d, dtype=dtype)
         for index, bid in enumerate(selected, start=1):
             if bid not in todo:
                 report.skipped.append(bid)
-                self._notify(ForgeProgress(index, len(selected), bid, "skipped",
-                                           time.perf_counter() - started))
+                self._notify(
+                    ForgeProgress(index, len(selected), bid, "skipped", time.perf_counter() - started)
+                )
                 continue
             update, compile_ms = await asyncio.to_thread(self._compile_and_save, bid, d, dtype)
             report.compiled.append(bid)
             if self.on_catalog_update is not None:
                 try:
                     await self.on_catalog_update(update)
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - a publisher failure must not stop the forge
                     report.publish_failures.append(bid)
                     log.error("forge catalog update callback failed", blueprint_id=bid, error=repr(exc))
-            self._notify(ForgeProgress(index, len(selected), bid, "compiled",
-                                       time.perf_counter() - started, compile_ms))
+            self._notify(
+                ForgeProgress(
+                    index, len(selected), bid, "compiled", time.perf_counter() - started, compile_ms
+                )
+            )
         report.elapsed_s = time.perf_counter() - started
         return report
 
-    def run(self, d: int, ids: Iterable[str] | None = None, *, dtype: str = "float32",
-            force: bool = False) -> ForgeReport:
+    def run(
+        self, d: int, ids: Iterable[str] | None = None, *, dtype: str = "float32", force: bool = False
+    ) -> ForgeReport:
         """Synchronous wrapper around :meth:`arun` (not for use inside a running event loop)."""
         return asyncio.run(self.arun(d, ids, dtype=dtype, force=force))
 
-    def _compile_and_save(self, bid: str, d: int, dtype: str) -> tuple[leyline_pb2.KernelCatalogUpdate, float]:
+    def _compile_and_save(
+        self, bid: str, d: int, dtype: str
+    ) -> tuple[leyline_pb2.KernelCatalogUpdate, float]:
         result = self.compiler.compile(bid, None, d=d, dtype=dtype)
         update = result.catalog_update
         record = self.library.save(
-            self.catalog.get(bid), result.artifact_path, update,
-            prewarm_samples=result.prewarm_samples_ms, compile_ms=result.compile_ms,
+            self.catalog.get(bid),
+            result.artifact_path,
+            update,
+            prewarm_samples=result.prewarm_samples_ms,
+            compile_ms=result.compile_ms,
         )
         update.artifact_ref = record.artifact_ref
-        self.log.append({"event": "done", "blueprint_id": bid, "d": d, "dtype": dtype,
-                         "checksum": record.checksum, "ts": time.time()})
+        self.log.append(
+            {
+                "event": "done",
+                "blueprint_id": bid,
+                "d": d,
+                "dtype": dtype,
+                "checksum": record.checksum,
+                "ts": time.time(),
+            }
+        )
         return update, result.compile_ms
 
     def _notify(self, progress: ForgeProgress) -> None:

@@ -3,20 +3,20 @@
 Every one of the 50 Karn blueprints maps to a family of
 :mod:`esper.urza.families` (``[batch, d] → [batch, d]``); Karn parameters are
 turned into family arguments as shown (integers are rounded, at least 1).
-Quarantined HIGH_RISK blueprints (BP043–BP050) compile to ``identity``: the
+Quarantined HIGH_RISK blueprints (BP043-BP050) compile to ``identity``: the
 harmful behaviour their names describe is never built.
 
 =====  ======================  ============  =====================================
 id     name                    family        family arguments
 =====  ======================  ============  =====================================
-BP001  identity_passthrough    identity      –
+BP001  identity_passthrough    identity      -
 BP002  linear_projection       linear        scale
 BP003  layer_norm_basic        layer_norm    eps = epsilon
 BP004  dropout_light           dropout       p = dropout
 BP005  relu_activation         activation    kind = relu
 BP006  batch_norm_1d           batch_norm    momentum (keep rate)
 BP007  pooling_max             max_pool      kernel
-BP008  skip_connection         skip_linear   –
+BP008  skip_connection         skip_linear   -
 BP009  residual_block          residual_mlp  depth
 BP010  concat_fusion           concat        branches
 BP011  gelu_activation         activation    kind = gelu
@@ -52,14 +52,14 @@ BP039  neural_ode_block        shared_resid  steps
 BP040  differentiable_nas      moe           experts = 3, temperature
 BP041  meta_learning_layer     shared_resid  steps = adapt_steps
 BP042  recursive_processing    shared_resid  steps = depth
-BP043  exploding_gradient      identity      – (quarantine)
-BP044  vanishing_gradient      identity      – (quarantine)
-BP045  nan_injection           identity      – (quarantine)
-BP046  infinite_loop           identity      – (quarantine)
-BP047  memory_leak             identity      – (quarantine)
-BP048  deadlock_pattern        identity      – (quarantine)
-BP049  race_condition          identity      – (quarantine)
-BP050  adversarial_noise       identity      – (quarantine)
+BP043  exploding_gradient      identity      - (quarantine)
+BP044  vanishing_gradient      identity      - (quarantine)
+BP045  nan_injection           identity      - (quarantine)
+BP046  infinite_loop           identity      - (quarantine)
+BP047  memory_leak             identity      - (quarantine)
+BP048  deadlock_pattern        identity      - (quarantine)
+BP049  race_condition          identity      - (quarantine)
+BP050  adversarial_noise       identity      - (quarantine)
 =====  ======================  ============  =====================================
 """
 

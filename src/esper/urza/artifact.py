@@ -20,9 +20,9 @@ resolvable by any process sharing the artifact directory; a relative path
 (``BP009/<checksum[:16]>.safetensors``) is accepted too. Absolute paths and
 ``..`` are rejected.
 
-* ``checksum`` – SHA-256 hex of the whole file (stored in the catalogue, sent
+* ``checksum`` - SHA-256 hex of the whole file (stored in the catalogue, sent
   in KernelCatalogUpdate / KernelArtifactReady, verified before any parse).
-* ``guard_digest`` – SHA-256 hex of the canonical JSON (sorted keys, no
+* ``guard_digest`` - SHA-256 hex of the canonical JSON (sorted keys, no
   spaces) of ``{"blueprint_id", "parameters", "interface": {"d", "dtype",
   "input_shape": ["batch", d], "output_shape": ["batch", d]}, "torch_version"}``.
   Loading recomputes it from the manifest and compares.
@@ -85,8 +85,12 @@ def compute_guard_digest(
     payload = {
         "blueprint_id": blueprint_id,
         "parameters": {k: float(v) for k, v in parameters.items()},
-        "interface": {"d": int(d), "dtype": dtype, "input_shape": ["batch", int(d)],
-                      "output_shape": ["batch", int(d)]},
+        "interface": {
+            "d": int(d),
+            "dtype": dtype,
+            "input_shape": ["batch", int(d)],
+            "output_shape": ["batch", int(d)],
+        },
         "torch_version": torch_version if torch_version is not None else torch.__version__,
     }
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
@@ -138,7 +142,7 @@ def artifact_ref(blueprint_id: str, checksum: str) -> str:
 def ref_to_relative(ref: str) -> str:
     """Map ``urza://BP/hex16`` or a relative ``BP/hex16.safetensors`` path to the relative path."""
     if ref.startswith(REF_SCHEME):
-        parts = ref[len(REF_SCHEME):].split("/")
+        parts = ref[len(REF_SCHEME) :].split("/")
         if len(parts) != 2 or not _ID_RE.match(parts[0]) or not _HEX16_RE.match(parts[1]):
             raise InvalidArtifactRef(f"malformed artifact ref {ref!r}")
         return f"{parts[0]}/{parts[1]}{SUFFIX}"
@@ -189,7 +193,7 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 def _data_section(blob: bytes) -> bytes:
     n = int.from_bytes(blob[:8], "little")
-    return blob[8 + n:]
+    return blob[8 + n :]
 
 
 def serialize(
@@ -239,7 +243,7 @@ def parse_manifest(blob: bytes, *, source: str = "artifact") -> Manifest:
     if n < 2 or n > MAX_HEADER_BYTES or 8 + n > len(blob):
         raise CorruptArtifact(f"{source} is not a safetensors file (bad header length)")
     try:
-        header = json.loads(blob[8:8 + n])
+        header = json.loads(blob[8 : 8 + n])
         raw = json.loads(header["__metadata__"]["esper_manifest"])
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise CorruptArtifact(f"{source} has no readable esper manifest ({exc.__class__.__name__})") from None
@@ -250,7 +254,7 @@ def parse_manifest(blob: bytes, *, source: str = "artifact") -> Manifest:
         problems.append("blueprint_id")
     if not family_args_ok(raw.get("family", ""), raw.get("family_args")):
         problems.append("family/family_args")
-    params = raw.get("parameters")
+    params: Any = raw.get("parameters")
     if not isinstance(params, dict) or not all(isinstance(k, str) and _num(v) for k, v in params.items()):
         problems.append("parameters")
     if not isinstance(raw.get("d"), int) or isinstance(raw.get("d"), bool) or raw["d"] < 1:
@@ -266,7 +270,7 @@ def parse_manifest(blob: bytes, *, source: str = "artifact") -> Manifest:
         blueprint_id=raw["blueprint_id"],
         family=raw["family"],
         family_args=dict(raw["family_args"]),
-        parameters={k: float(v) for k, v in params.items()},
+        parameters={k: float(v) for k, v in dict(params).items()},
         d=raw["d"],
         dtype=raw["dtype"],
         torch_version=raw["torch_version"],
@@ -287,7 +291,7 @@ def decode_tensors(blob: bytes, manifest: Manifest, *, source: str = "artifact")
         raise CorruptArtifact(f"{source} tensor data does not match its manifest")
     try:
         return st_load(blob)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
         raise CorruptArtifact(f"{source} tensors are unreadable: {exc}") from None
 
 
@@ -349,10 +353,12 @@ def load_bytes(
             )
     manifest = parse_manifest(blob, source=source)
     if blueprint_id is not None and manifest.blueprint_id != blueprint_id:
-        raise CorruptArtifact(f"{source} holds {manifest.blueprint_id}, not {blueprint_id}",
-                              blueprint_id=blueprint_id)
+        raise CorruptArtifact(
+            f"{source} holds {manifest.blueprint_id}, not {blueprint_id}", blueprint_id=blueprint_id
+        )
     if expected_guard is not None and manifest.guard_digest != expected_guard:
-        raise GuardMismatch(f"{source}: guard digest differs from the expected one",
-                            blueprint_id=manifest.blueprint_id)
+        raise GuardMismatch(
+            f"{source}: guard digest differs from the expected one", blueprint_id=manifest.blueprint_id
+        )
     tensors = decode_tensors(blob, manifest, source=source)
     return instantiate(manifest, tensors, source=source), manifest

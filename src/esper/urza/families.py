@@ -13,7 +13,7 @@ and the package layers forbid Urza from importing Tezzeret; Tezzeret maps the
 family        module (``x``: ``[batch, d]``)
 ============  ==============================================================
 identity      ``x`` (no tensors)
-linear        ``scale * W x + b`` (``W`` ``d×d``)
+linear        ``scale * W x + b`` (``W`` ``dxd``)
 layer_norm    ``LayerNorm(d, eps)``
 activation    ``relu(x)`` or ``gelu(x)``
 dropout       ``Dropout(p)``
@@ -27,16 +27,16 @@ concat        ``branches`` ``gelu(W_i x)`` concatenated, projected back to ``d``
 layer_scale   ``gamma ⊙ x``, ``gamma`` initialised to ``scale``
 grouped       block-diagonal linear with ``g`` groups, ``g`` the largest
               divisor of ``d`` not above the requested groups
-highway       ``t ⊙ relu(W_h x) + (1 - t) ⊙ x``, ``t = σ(W_t x + gate_bias)``
+highway       ``t ⊙ relu(W_h x) + (1 - t) ⊙ x``, ``t = sigmoid(W_t x + gate_bias)``
 conv1d        features as a 1-channel signal of length ``d``: conv (kernel,
-              dilation, 'same' padding) to 4 channels, gelu, 1×1 back, residual
-squeeze_exc   ``x ⊙ σ(W2 relu(W1 x))``, bottleneck ``max(1, d // reduction)``
+              dilation, 'same' padding) to 4 channels, gelu, 1x1 back, residual
+squeeze_exc   ``x ⊙ sigmoid(W2 relu(W1 x))``, bottleneck ``max(1, d // reduction)``
 attention     self-attention over the ``d`` features taken as ``d`` tokens of
-              one scalar each: each token is lifted to ``heads × 4`` channels
+              one scalar each: each token is lifted to ``heads x 4`` channels
               (plus a learned per-position embedding), attended with ``heads``
               heads, projected back to one scalar, added residually. Heads
               divide the embedding by construction, so any ``d`` works.
-transformer   ``layers`` × (attention as above + pre-LN feed-forward ``2d``)
+transformer   ``layers`` x (attention as above + pre-LN feed-forward ``2d``)
 gated_ff      ``W2 (gelu(W_a x) ⊙ W_b x)``, hidden ``round(hidden_multiple·d)``
 moe           dense mixture: ``softmax(W_g x / temperature)``-weighted sum of
               ``experts`` two-layer experts (hidden ``capacity·d``), residual
@@ -93,7 +93,8 @@ class Linear(nn.Module):
         self.scale = float(scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x) * self.scale
+        out: torch.Tensor = self.proj(x) * self.scale
+        return out
 
 
 class LayerNorm(nn.Module):
@@ -102,7 +103,8 @@ class LayerNorm(nn.Module):
         self.norm = nn.LayerNorm(d, eps=float(eps))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x)
+        out: torch.Tensor = self.norm(x)
+        return out
 
 
 class Activation(nn.Module):
@@ -122,7 +124,8 @@ class Dropout(nn.Module):
         self.drop = nn.Dropout(float(p))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(x)
+        out: torch.Tensor = self.drop(x)
+        return out
 
 
 class BatchNorm(nn.Module):
@@ -132,7 +135,8 @@ class BatchNorm(nn.Module):
         self.norm = nn.BatchNorm1d(d, momentum=1.0 - float(momentum))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x)
+        out: torch.Tensor = self.norm(x)
+        return out
 
 
 class MaxPool(nn.Module):
@@ -155,7 +159,8 @@ class SkipLinear(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.proj(x)
+        out: torch.Tensor = x + self.proj(x)
+        return out
 
 
 class _Block(nn.Module):
@@ -166,7 +171,8 @@ class _Block(nn.Module):
         self.down = nn.Linear(hidden, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.gelu(self.up(self.norm(x))))
+        out: torch.Tensor = self.down(F.gelu(self.up(self.norm(x))))
+        return out
 
 
 class ResidualMLP(nn.Module):
@@ -200,7 +206,8 @@ class Concat(nn.Module):
         self.fuse = nn.Linear(d * int(branches), d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fuse(torch.cat([F.gelu(b(x)) for b in self.branches], dim=-1))
+        out: torch.Tensor = self.fuse(torch.cat([F.gelu(b(x)) for b in self.branches], dim=-1))
+        return out
 
 
 class LayerScale(nn.Module):
@@ -223,7 +230,8 @@ class Grouped(nn.Module):
         self.conv = nn.Conv1d(d, d, 1, groups=self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x.unsqueeze(-1)).squeeze(-1)
+        out: torch.Tensor = self.conv(x.unsqueeze(-1)).squeeze(-1)
+        return out
 
 
 class Highway(nn.Module):
@@ -245,7 +253,8 @@ class Conv1d(nn.Module):
         self.mix = nn.Conv1d(int(channels), 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.mix(F.gelu(self.conv(x.unsqueeze(1)))).squeeze(1)
+        out: torch.Tensor = x + self.mix(F.gelu(self.conv(x.unsqueeze(1)))).squeeze(1)
+        return out
 
 
 class SqueezeExcitation(nn.Module):
@@ -276,7 +285,8 @@ class FeatureAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.lift(x.unsqueeze(-1)) + self.position  # [batch, d, embed]
         attended, _ = self.attn(tokens, tokens, tokens, need_weights=False)
-        return x + self.out(attended).squeeze(-1)
+        out: torch.Tensor = x + self.out(attended).squeeze(-1)
+        return out
 
 
 class Transformer(nn.Module):
@@ -301,7 +311,8 @@ class GatedFF(nn.Module):
         self.down = nn.Linear(hidden, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.gelu(self.gate(x)) * self.value(x))
+        out: torch.Tensor = self.down(F.gelu(self.gate(x)) * self.value(x))
+        return out
 
 
 class MixtureOfExperts(nn.Module):
@@ -330,7 +341,8 @@ class AdaptivePool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = F.adaptive_avg_pool1d(x.unsqueeze(1), self.size).squeeze(1)
-        return x + self.proj(pooled)
+        out: torch.Tensor = x + self.proj(pooled)
+        return out
 
 
 class Positional(nn.Module):
@@ -407,6 +419,8 @@ def build_family(family: str, args: FamilyArgs, d: int, dtype: str = "float32") 
 
 
 def family_args_ok(family: str, args: Any) -> bool:
-    return family in FAMILIES and isinstance(args, dict) and all(
-        isinstance(k, str) and isinstance(v, int | float | str) for k, v in args.items()
+    return (
+        family in FAMILIES
+        and isinstance(args, dict)
+        and all(isinstance(k, str) and isinstance(v, int | float | str) for k, v in args.items())
     )

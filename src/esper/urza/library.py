@@ -2,7 +2,7 @@
 
 Storage
 -------
-* Catalogue: table ``urza_kernels`` through SQLAlchemy 2 – a SQLite file by
+* Catalogue: table ``urza_kernels`` through SQLAlchemy 2 - a SQLite file by
   default (WAL journal, busy timeout, set on every connection) or PostgreSQL
   (``postgresql://`` is rewritten to the psycopg 3 driver). The schema is
   created at start; ``urza_schema_version`` records the version and missing
@@ -15,7 +15,7 @@ Consistency
 -----------
 ``save`` writes the file first (atomic: temp, fsync, rename, fsync dir) and
 then the row in one transaction. A crash in between leaves an orphan file and
-the previous row untouched – never a row without its file. Orphans and stale
+the previous row untouched - never a row without its file. Orphans and stale
 temp files older than a grace period are removed by :meth:`maintenance`
 (also run at start). Rows whose file vanished are *reported*, never deleted;
 loading them raises ``ArtifactNotFound``. Nothing ever expires rows or files:
@@ -46,7 +46,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 from google.protobuf import json_format
@@ -126,7 +126,7 @@ def normalize_database_url(url: str) -> str:
     """Use the psycopg 3 driver for plain ``postgresql://`` / ``postgres://`` URLs."""
     for prefix in ("postgresql://", "postgres://"):
         if url.startswith(prefix):
-            return "postgresql+psycopg://" + url[len(prefix):]
+            return "postgresql+psycopg://" + url[len(prefix) :]
     return url
 
 
@@ -238,7 +238,7 @@ class _Verified:
 
 
 def _tier_name(tier: int) -> str:
-    return leyline_pb2.BlueprintTier.Name(tier)
+    return leyline_pb2.BlueprintTier.Name(cast(Any, tier))
 
 
 def _tier_value(text_value: str) -> int:
@@ -272,34 +272,49 @@ class UrzaLibrary:
         self._cache: OrderedDict[tuple[str, str], _Cached] = OrderedDict()
         self._verified: dict[str, _Verified] = {}
         self._counts: dict[str, int] = {
-            "cache_hits": 0, "cache_misses": 0, "cache_errors": 0, "cache_expired": 0,
-            "hash_computations": 0, "verify_cache_hits": 0,
+            "cache_hits": 0,
+            "cache_misses": 0,
+            "cache_errors": 0,
+            "cache_expired": 0,
+            "hash_computations": 0,
+            "verify_cache_hits": 0,
         }
         self._errors_by_reason: dict[str, int] = {}
         self._last_latency_ms = 0.0
         self.registry = registry if registry is not None else CollectorRegistry()
-        self._m_hits = Counter("urza_kernel_cache_hits", "Kernel loads served from the LRU",
-                               registry=self.registry)
-        self._m_misses = Counter("urza_kernel_cache_misses", "Kernel loads that read the artifact file",
-                                 registry=self.registry)
-        self._m_errors = Counter("urza_errors", "Urza lookup/verification errors", ["reason"],
-                                 registry=self.registry)
-        self._m_hashes = Counter("urza_artifact_hashes", "Full SHA-256 computations of artifact files",
-                                 registry=self.registry)
+        self._m_hits = Counter(
+            "urza_kernel_cache_hits", "Kernel loads served from the LRU", registry=self.registry
+        )
+        self._m_misses = Counter(
+            "urza_kernel_cache_misses", "Kernel loads that read the artifact file", registry=self.registry
+        )
+        self._m_errors = Counter(
+            "urza_errors", "Urza lookup/verification errors", ["reason"], registry=self.registry
+        )
+        self._m_hashes = Counter(
+            "urza_artifact_hashes", "Full SHA-256 computations of artifact files", registry=self.registry
+        )
         self._m_latency = Histogram(
-            "urza_lookup_latency_seconds", "Kernel lookup+load latency", ["operation"],
+            "urza_lookup_latency_seconds",
+            "Kernel lookup+load latency",
+            ["operation"],
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
             registry=self.registry,
         )
         if sweep_grace_seconds is not None:
             report = self.maintenance(grace_seconds=sweep_grace_seconds)
             if report.removed_orphans or report.removed_temp or report.missing_files:
-                log.warning("urza startup sweep", removed_orphans=report.removed_orphans,
-                            removed_temp=report.removed_temp, missing_files=report.missing_files)
+                log.warning(
+                    "urza startup sweep",
+                    removed_orphans=report.removed_orphans,
+                    removed_temp=report.removed_temp,
+                    missing_files=report.missing_files,
+                )
 
     @classmethod
-    def from_settings(cls, settings: Any, *, registry: CollectorRegistry | None = None,
-                      **kwargs: Any) -> UrzaLibrary:
+    def from_settings(
+        cls, settings: Any, *, registry: CollectorRegistry | None = None, **kwargs: Any
+    ) -> UrzaLibrary:
         """Build from ``EsperSettings`` (URZA_ARTIFACT_DIR, URZA_DATABASE_URL, URZA_CACHE_TTL_SECONDS)."""
         return cls(
             settings.urza_artifact_dir,
@@ -431,8 +446,9 @@ class UrzaLibrary:
             raise self._error(ChecksumMismatch(f"{src} does not match the catalog update", blueprint_id=bid))
         expected_guard = catalog_update.guard_digest if catalog_update is not None else ""
         try:
-            module, manifest = fmt.load_bytes(blob, expected_guard=expected_guard or None,
-                                              source=str(src), blueprint_id=bid)
+            module, manifest = fmt.load_bytes(
+                blob, expected_guard=expected_guard or None, source=str(src), blueprint_id=bid
+            )
         except UrzaError as exc:
             raise self._error(exc) from None
         del module
@@ -466,7 +482,7 @@ class UrzaLibrary:
             "checksum": checksum,
             "guard_digest": manifest.guard_digest,
             "compile_ms": float(compile_ms),
-            "prewarm_json": json.dumps(samples[-self._max_prewarm:]),
+            "prewarm_json": json.dumps(samples[-self._max_prewarm :]),
             "file_size": st.st_size,
             "mtime_ns": st.st_mtime_ns,
             "width": manifest.d,
@@ -491,10 +507,9 @@ class UrzaLibrary:
         dialect = conn.dialect.name
         values = dict(row)
         if dialect in ("sqlite", "postgresql"):
-            if dialect == "sqlite":
-                from sqlalchemy.dialects.sqlite import insert as dialect_insert
-            else:
-                from sqlalchemy.dialects.postgresql import insert as dialect_insert
+            from sqlalchemy.dialects import postgresql, sqlite
+
+            dialect_insert: Any = sqlite.insert if dialect == "sqlite" else postgresql.insert
             stmt = dialect_insert(kernels_table).values(**values)
             stmt = stmt.on_conflict_do_update(
                 index_elements=[kernels_table.c.blueprint_id],
@@ -570,7 +585,7 @@ class UrzaLibrary:
         path = self._path(record)
         key = str(path)
         try:
-            fh = open(path, "rb")
+            fh = open(path, "rb")  # noqa: SIM115 - closed by the ``with`` right below
         except FileNotFoundError:
             raise ArtifactNotFound(f"{record.artifact_path} is missing", blueprint_id=bid) from None
         with fh:
@@ -588,8 +603,8 @@ class UrzaLibrary:
 
     def _load_blob(
         self, blob: bytes, checksum: str, guard: str | None, bid: str, source: str
-    ) -> tuple[fmt.Manifest, dict[str, torch.Tensor]]:
-        """Hash, parse and decode; caches the verified tensors under (bid, checksum)."""
+    ) -> tuple[fmt.Manifest, dict[str, torch.Tensor], nn.Module]:
+        """Hash, parse, decode and build; caches the verified tensors under (bid, checksum)."""
         actual = self._hash(blob)
         if actual != checksum:
             raise ChecksumMismatch(
@@ -601,13 +616,15 @@ class UrzaLibrary:
         if guard and manifest.guard_digest != guard:
             raise GuardMismatch(f"{source}: guard digest differs from the expected one", blueprint_id=bid)
         tensors = fmt.decode_tensors(blob, manifest, source=source)
-        fmt.instantiate(manifest, tensors, source=source)  # shapes and dtypes fit the family
-        self._cache_put((bid, checksum), manifest, tensors)
-        return manifest, tensors
+        module = fmt.instantiate(manifest, tensors, source=source)  # names/shapes/dtypes fit the family
+        self._cache_put((bid, checksum), manifest, tensors)  # the module holds its own copies
+        return manifest, tensors, module
 
     # -- kernel cache ------------------------------------------------------------------------
 
-    def _cache_put(self, key: tuple[str, str], manifest: fmt.Manifest, tensors: dict[str, torch.Tensor]) -> None:
+    def _cache_put(
+        self, key: tuple[str, str], manifest: fmt.Manifest, tensors: dict[str, torch.Tensor]
+    ) -> None:
         if self._cache_size == 0:
             return
         with self._lock:
@@ -647,10 +664,10 @@ class UrzaLibrary:
                 blob = fh.read()
         except FileNotFoundError:
             raise ArtifactNotFound(f"{source} is missing", blueprint_id=bid) from None
-        manifest, tensors = self._load_blob(blob, checksum, guard, bid, source)
+        _, _, module = self._load_blob(blob, checksum, guard, bid, source)
         with self._lock:
             self._verified[str(path)] = _Verified(stat_key, checksum)
-        return fmt.instantiate(manifest, tensors, source=source)
+        return module
 
     def load(self, blueprint_id: str) -> nn.Module:
         """A verified, freshly built module for the catalogued kernel (never a shared instance)."""
@@ -660,10 +677,12 @@ class UrzaLibrary:
             if record is None:
                 raise MissingArtifact(f"no catalogue entry for {blueprint_id}", blueprint_id=blueprint_id)
             if not record.checksum:
-                raise CorruptArtifact(f"catalogue entry for {blueprint_id} has no checksum",
-                                      blueprint_id=blueprint_id)
-            return self._module(blueprint_id, record.checksum, record.guard_digest, self._path(record),
-                                record.artifact_path)
+                raise CorruptArtifact(
+                    f"catalogue entry for {blueprint_id} has no checksum", blueprint_id=blueprint_id
+                )
+            return self._module(
+                blueprint_id, record.checksum, record.guard_digest, self._path(record), record.artifact_path
+            )
         except UrzaError as exc:
             raise self._error(exc) from None
         finally:
@@ -680,11 +699,13 @@ class UrzaLibrary:
             rel = fmt.ref_to_relative(artifact_ref)
             bid = rel.split("/", 1)[0]
             if not checksum or not guard_digest:
-                raise ChecksumMismatch(f"{artifact_ref}: checksum and guard digest are required",
-                                       blueprint_id=bid)
+                raise ChecksumMismatch(
+                    f"{artifact_ref}: checksum and guard digest are required", blueprint_id=bid
+                )
             if Path(rel).name != f"{checksum[:16]}{fmt.SUFFIX}":
-                raise ChecksumMismatch(f"{artifact_ref} does not name checksum {checksum[:16]}…",
-                                       blueprint_id=bid)
+                raise ChecksumMismatch(
+                    f"{artifact_ref} does not name checksum {checksum[:16]}…", blueprint_id=bid
+                )
             return self._module(bid, checksum, guard_digest, self.root / rel, artifact_ref)
         except UrzaError as exc:
             raise self._error(exc) from None
@@ -745,8 +766,13 @@ class UrzaLibrary:
     async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await asyncio.to_thread(fn, *args, **kwargs)
 
-    async def asave(self, descriptor: leyline_pb2.BlueprintDescriptor, artifact_path: str | os.PathLike[str],
-                    catalog_update: leyline_pb2.KernelCatalogUpdate | None = None, **kwargs: Any) -> UrzaRecord:
+    async def asave(
+        self,
+        descriptor: leyline_pb2.BlueprintDescriptor,
+        artifact_path: str | os.PathLike[str],
+        catalog_update: leyline_pb2.KernelCatalogUpdate | None = None,
+        **kwargs: Any,
+    ) -> UrzaRecord:
         return await self._run(self.save, descriptor, artifact_path, catalog_update, **kwargs)
 
     async def aget(self, blueprint_id: str) -> UrzaRecord | None:
