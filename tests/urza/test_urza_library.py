@@ -433,3 +433,15 @@ def test_load_latency_small_residual_mlp(library: UrzaLibrary) -> None:
     print(f"cold load_verified p50 {cold[15]:.2f} ms; fetch_kernel (row + cache) p50 {warm[25]:.2f} ms")
     assert cold[15] < 10.0
     assert warm[25] < 10.0
+
+
+def test_storage_errors_are_raised_and_counted(tmp_path: Path) -> None:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    lib = UrzaLibrary(tmp_path / "a", f"sqlite:///{tmp_path / 'c.db'}")
+    with lib._engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE urza_kernels")
+    with pytest.raises(SQLAlchemyError):
+        lib.verify_artifact("BP001")  # a broken catalogue is not reported as a missing artifact
+    assert lib.metrics_snapshot()["errors_by_reason"] == {"database_error": 1}
+    lib.close()

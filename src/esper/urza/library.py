@@ -69,6 +69,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import SQLAlchemyError
 from torch import nn
 
 from esper.core.logs import get_logger
@@ -351,6 +352,15 @@ class UrzaLibrary:
         self._m_errors.labels(exc.reason).inc()
         return exc
 
+    def _storage_error(self, exc: BaseException) -> None:
+        """Database and IO failures are counted and logged, then re-raised (never turned into a miss)."""
+        reason = "database_error" if isinstance(exc, SQLAlchemyError) else "io_error"
+        with self._lock:
+            self._counts["cache_errors"] += 1
+            self._errors_by_reason[reason] = self._errors_by_reason.get(reason, 0) + 1
+        self._m_errors.labels(reason).inc()
+        log.error("urza storage error", reason=reason, error=str(exc))
+
     def _observe(self, operation: str, started: float) -> float:
         elapsed = time.perf_counter() - started
         self._m_latency.labels(operation).observe(elapsed)
@@ -575,6 +585,9 @@ class UrzaLibrary:
             )
         except UrzaError as exc:
             raise self._error(exc) from None
+        except (SQLAlchemyError, OSError) as exc:
+            self._storage_error(exc)
+            raise
         finally:
             self._observe("verify", started)
 
@@ -685,6 +698,9 @@ class UrzaLibrary:
             )
         except UrzaError as exc:
             raise self._error(exc) from None
+        except (SQLAlchemyError, OSError) as exc:
+            self._storage_error(exc)
+            raise
         finally:
             self._observe("load", started)
 
@@ -709,6 +725,9 @@ class UrzaLibrary:
             return self._module(bid, checksum, guard_digest, self.root / rel, artifact_ref)
         except UrzaError as exc:
             raise self._error(exc) from None
+        except (SQLAlchemyError, OSError) as exc:
+            self._storage_error(exc)
+            raise
         finally:
             self._observe("load_verified", started)
 
