@@ -70,13 +70,18 @@ class OonaClient:
         self.config = config
         self.keyring = keyring
         if isinstance(redis, str):
-            self.redis = aioredis.Redis.from_url(
+            # A blocking pool makes bursts of concurrent publishes queue for a
+            # connection instead of failing with "Too many connections".
+            pool = aioredis.BlockingConnectionPool.from_url(
                 redis,
+                max_connections=config.max_connections,
+                timeout=config.socket_timeout_s,
                 decode_responses=False,
                 socket_timeout=config.socket_timeout_s,
                 socket_connect_timeout=5.0,
                 retry=Retry(NoBackoff(), 0),
             )
+            self.redis = aioredis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
             self._owns_redis = True
         else:
             self.redis = redis

@@ -60,6 +60,7 @@ class StreamConfig:
     publish_breaker_wait_ms: int | None = None
     reconnect_base_ms: int = 100
     reconnect_max_ms: int = 5_000
+    max_connections: int = 64
 
     def __post_init__(self) -> None:
         problems = []
