@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
-from redis.retry import Retry
 
 from esper.core.logs import get_logger
 from esper.core.settings import EsperSettings

@@ -165,11 +165,11 @@ class _Loop:
         redis = self.client.redis
         if len(accepted) == 1:  # the common low-latency case: skip pipeline overhead
             only = accepted[0]
-            own = f"{self.stream}/{only.message.entry_id}"
+            ref = f"{self.stream}/{only.message.entry_id}"
             previous = await redis.set(
-                f"oona:replay:{scope}:{only.replay_key}", own, nx=True, get=True, px=ttl
+                f"oona:replay:{scope}:{only.replay_key}", ref, nx=True, get=True, px=ttl
             )
-            return [(only, previous is None or previous == own.encode())]
+            return [(only, previous is None or previous == ref.encode())]
         async with redis.pipeline(transaction=False) as pipe:
             for item in accepted:
                 ref = f"{self.stream}/{item.message.entry_id}"
