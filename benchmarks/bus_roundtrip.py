@@ -3,6 +3,8 @@
 Both paths make the same Redis calls batched the same way (XADD per message;
 XREADGROUP with the same COUNT and BLOCK; one XACK per batch). Oona adds the
 envelope, HMAC signing, verification and the pipelined replay SET NX.
+A round trip is timed from the publish call until the consumer's XACK has
+returned, i.e. the whole XADD → XREADGROUP → (handler) → XACK cycle.
 
 Run: .venv/bin/python benchmarks/bus_roundtrip.py   (last line is JSON)
 """
@@ -41,9 +43,10 @@ async def _raw_consumer(
             ids = []
             for entry_id, fields in entries:
                 _ = fields[b"payload"]
-                on_message()
                 ids.append(entry_id)
             await redis.xack(stream, GROUP, *ids)
+            for _ in ids:
+                on_message()
 
 
 async def _drive(
@@ -100,9 +103,13 @@ async def bench_oona(url: str) -> tuple[float, float]:
     arrived: asyncio.Queue[float] = asyncio.Queue()
 
     async def handler(message: OonaMessage) -> None:
-        arrived.put_nowait(time.perf_counter())
+        _ = message.payload
 
-    consumer = sub.consumer(config.normal_stream, handler, types={CMD}, batch=BATCH)
+    def acked(ids: list[str]) -> None:
+        for _ in ids:
+            arrived.put_nowait(time.perf_counter())
+
+    consumer = sub.consumer(config.normal_stream, handler, types={CMD}, batch=BATCH, on_acked=acked)
     async with asyncio.TaskGroup() as group:
         group.create_task(consumer.run())
 

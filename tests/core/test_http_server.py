@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from esper.core.settings import EsperSettings
 from esper.core.http_server import HealthServer
+from esper.core.settings import EsperSettings
 
 
 async def request(port: int, raw: bytes) -> tuple[int, dict[str, str], bytes]:

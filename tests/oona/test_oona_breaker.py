@@ -83,14 +83,14 @@ async def test_consume_breaker_counts_read_errors_and_consumer_waits(
         dead_url, breaker_failure_threshold=2, breaker_timeout_ms=200, reconnect_base_ms=1, reconnect_max_ms=2
     )
     reads = 0
-    original = client.redis.xautoclaim
+    original = client.redis.xreadgroup
 
     async def counting(*args: object, **kwargs: object) -> object:
         nonlocal reads
         reads += 1
         return await original(*args, **kwargs)  # type: ignore[arg-type]
 
-    client.redis.xautoclaim = counting  # type: ignore[method-assign]
+    client.redis.xreadgroup = counting  # type: ignore[method-assign]
 
     async def never(message: object) -> None:
         raise AssertionError("nothing to handle")

@@ -13,7 +13,7 @@ per ``depth_refresh_ms``.
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import redis.asyncio as aioredis
@@ -276,12 +276,29 @@ class OonaClient:
         concurrency: int = 1,
         batch: int = 16,
         block_ms: int | None = None,
+        ignore_types: Collection[int] = (),
+        on_acked: Callable[[list[str]], None] | None = None,
     ) -> GroupConsumer:
-        """A consumer-group reader: each entry is handled by one replica, acked on success."""
+        """A consumer-group reader: each entry is handled by one replica, acked on success.
+
+        ``types`` are handed to ``handler``; ``ignore_types`` are other types
+        that legitimately share the stream (e.g. commands on ``oona.normal``
+        for a consumer of system states): they are verified, acked and
+        counted as ignored instead of dead-lettered as unexpected.
+        ``on_acked`` is called with the entry ids of each XACK, after it.
+        """
         from esper.oona.consumer import GroupConsumer
 
         return GroupConsumer(
-            self, stream, handler, types=types, concurrency=concurrency, batch=batch, block_ms=block_ms
+            self,
+            stream,
+            handler,
+            types=types,
+            concurrency=concurrency,
+            batch=batch,
+            block_ms=block_ms,
+            ignore_types=ignore_types,
+            on_acked=on_acked,
         )
 
     def broadcast(
@@ -293,12 +310,20 @@ class OonaClient:
         start_id: str = "$",
         batch: int = 64,
         block_ms: int | None = None,
+        ignore_types: Collection[int] = (),
     ) -> BroadcastConsumer:
         """A reader that sees every entry of ``stream``, independent of groups and of other readers."""
         from esper.oona.consumer import BroadcastConsumer
 
         return BroadcastConsumer(
-            self, stream, handler, types=types, start_id=start_id, batch=batch, block_ms=block_ms
+            self,
+            stream,
+            handler,
+            types=types,
+            start_id=start_id,
+            batch=batch,
+            block_ms=block_ms,
+            ignore_types=ignore_types,
         )
 
     # -- consumer write paths (used by consumer.py) ----------------------------------

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -62,6 +62,7 @@ class _Loop:
         types: Collection[int],
         batch: int,
         block_ms: int | None,
+        ignore_types: Collection[int] = (),
     ) -> None:
         config = client.config
         if block_ms is not None and block_ms > config.block_ms:
@@ -72,6 +73,7 @@ class _Loop:
         self.stream = stream
         self.handler = handler
         self.types = frozenset(int(t) for t in types)
+        self.ignore_types = frozenset(int(t) for t in ignore_types) - self.types
         self.batch = max(1, batch)
         self.block_ms = block_ms or config.block_ms
         self._stop = asyncio.Event()
@@ -147,7 +149,7 @@ class _Loop:
             self.stream,
             entry_id,
             fields,
-            expected_types=self.types,
+            expected_types=self.types | self.ignore_types,
             freshness_window_ms=c.freshness_window_ms,
             max_payload_bytes=c.max_payload_bytes,
         )
@@ -195,19 +197,31 @@ class GroupConsumer(_Loop):
         concurrency: int = 1,
         batch: int = 16,
         block_ms: int | None = None,
+        ignore_types: Collection[int] = (),
+        on_acked: Callable[[list[str]], None] | None = None,
     ) -> None:
-        super().__init__(client, stream, handler, types, batch, block_ms)
+        super().__init__(client, stream, handler, types, batch, block_ms, ignore_types)
         self.group = client.config.group
+        self._on_acked = on_acked
         self.name = client.config.consumer
         self.concurrency = max(1, concurrency)
         self._claim_interval_s = max(0.05, client.config.retry_idle_ms / 2000)
         self._next_claim = 0.0
+        self._recover_own = True
 
     async def _on_nogroup(self) -> None:
         await self.client.ensure_group(self.stream, self.group)
 
+    async def _on_transient(self, exc: BaseException) -> None:
+        # Whatever this consumer read before the outage may still be pending
+        # under its name: take it up again first instead of waiting for a claim.
+        self._recover_own = True
+        await super()._on_transient(exc)
+
     async def _iterate(self) -> None:
         redis = self.client.redis
+        if self._recover_own:
+            await self._recover_own_pending()
         if time.monotonic() >= self._next_claim:
             await self._claim_stale()
             self._next_claim = time.monotonic() + self._claim_interval_s
@@ -216,6 +230,28 @@ class GroupConsumer(_Loop):
         )
         for _stream, entries in raw or []:
             await self._process(_decode_entries(entries))
+
+    async def _recover_own_pending(self) -> None:
+        """Process entries already delivered to this consumer name but never acked.
+
+        Runs at start and after a reconnect, so a restart of the process (same
+        consumer name) or of the server resumes at once rather than after
+        ``retry_idle_ms``.
+        """
+        start = "0"
+        while not self._stop.is_set():
+            raw: Any = await self.client.redis.xreadgroup(
+                self.group, self.name, {self.stream: start}, count=self.batch
+            )
+            entries = [e for _s, batch in raw or [] for e in _decode_entries(batch)]
+            if not entries:
+                break
+            start = entries[-1][0]
+            live = [e for e in entries if e[1] is not None]
+            if live:
+                _log.info("oona.recovered_pending", stream=self.stream, count=len(live))
+                await self._process(live)
+        self._recover_own = False
 
     async def _claim_stale(self) -> None:
         """XAUTOCLAIM entries idle past ``retry_idle_ms`` and process them like new ones."""
@@ -241,11 +277,14 @@ class GroupConsumer(_Loop):
     async def _process(self, entries: list[Entry]) -> None:
         client = self.client
         accepted: list[Accepted] = []
+        ignored: list[str] = []
         rejected: list[tuple[str, Mapping[bytes, bytes], RejectReason, str]] = []
         for entry_id, fields in entries:
             outcome = self._verify(entry_id, fields)
             if isinstance(outcome, Rejection):
                 rejected.append((entry_id, fields or {}, outcome.reason, outcome.detail))
+            elif outcome.message.message_type in self.ignore_types:
+                ignored.append(entry_id)
             else:
                 accepted.append(outcome)
         runnable: list[OonaMessage] = []
@@ -259,7 +298,9 @@ class GroupConsumer(_Loop):
             client.metrics.on_rejected(self.stream, reason.value)
         await client.dead_letter(self.stream, self.group, rejected)
         fields_by_id = {eid: f for eid, f in entries}
-        done: list[str] = []
+        if ignored:
+            client.metrics.on_ignored(self.stream, len(ignored))
+        done: list[str] = ignored
         try:
             if self.concurrency == 1 or len(runnable) == 1:
                 for message in runnable:
@@ -286,6 +327,8 @@ class GroupConsumer(_Loop):
             raise
         if done:
             await client.redis.xack(self.stream, self.group, *done)
+            if self._on_acked is not None:
+                self._on_acked(done)
 
     async def _handle(
         self, message: OonaMessage, fields: Mapping[bytes, bytes] | None, done: list[str]
@@ -361,8 +404,9 @@ class BroadcastConsumer(_Loop):
         start_id: str = "$",
         batch: int = 64,
         block_ms: int | None = None,
+        ignore_types: Collection[int] = (),
     ) -> None:
-        super().__init__(client, stream, handler, types, batch, block_ms)
+        super().__init__(client, stream, handler, types, batch, block_ms, ignore_types)
         self.last_id = start_id
         self.name = client.config.consumer
         self.ready = asyncio.Event()
@@ -400,6 +444,8 @@ class BroadcastConsumer(_Loop):
                     reason=outcome.reason.value,
                     detail=outcome.detail,
                 )
+            elif outcome.message.message_type in self.ignore_types:
+                metrics.on_ignored(self.stream, 1)
             else:
                 accepted.append(outcome)
         for item, fresh in await self._check_replays(accepted, f"bcast:{self.name}"):

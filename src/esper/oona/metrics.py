@@ -32,6 +32,9 @@ class OonaMetrics:
         self.rejected = Counter(
             "oona_rejected", "Consumed entries rejected", ["stream", "reason"], registry=r
         )
+        self.ignored = Counter(
+            "oona_ignored", "Verified entries of a type the consumer does not handle", ["stream"], registry=r
+        )
         self.retries = Counter("oona_retries", "Handler failures sent for retry", ["stream"], registry=r)
         self.dead_letters = Counter(
             "oona_dead_letters", "Entries copied to the dead letter stream", ["reason"], registry=r
@@ -85,6 +88,10 @@ class OonaMetrics:
         self.rejected.labels(stream, reason).inc()
         self._bump(f"rejected.{stream}.{reason}")
         self._bump(f"rejected.{reason}")
+
+    def on_ignored(self, stream: str, count: int) -> None:
+        self.ignored.labels(stream).inc(count)
+        self._bump(f"ignored.{stream}", count)
 
     def on_retry(self, stream: str) -> None:
         self.retries.labels(stream).inc()
