@@ -1,0 +1,136 @@
+"""The Urza prefetch worker: answers kernel requests from the bus.
+
+It consumes ``KernelPrefetchRequest`` from ``oona.kernels.requests`` as one
+consumer of its group (replicas split the work), in batches, with bounded
+concurrency, and answers each with a ``KernelArtifactReady`` carrying a
+location-independent ``artifact_ref``, the checksum, the guard digest and the
+prewarm percentiles - or a ``KernelArtifactError`` with a machine-readable
+reason. Verification runs off the event loop and never re-hashes an
+unchanged file (the library remembers verified files by their stat).
+
+Failure policy: a problem with the *request or the artifact* is answered
+with an error reply and counted; the worker keeps serving. A problem with
+*our own infrastructure* (database unreachable, reply not publishable) is
+raised, so Oona retries the request with backoff and finally dead-letters it
+- nothing is silently dropped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter as Tally
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from esper.core.logs import get_logger
+from esper.leyline import leyline_pb2
+from esper.oona import GroupConsumer, OonaClient, OonaMessage
+from esper.urza.errors import UrzaError
+from esper.urza.library import UrzaLibrary
+
+_log = get_logger("esper.urza.prefetch")
+_REQUEST = leyline_pb2.BUS_MESSAGE_TYPE_KERNEL_PREFETCH_REQUEST
+_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class ReplyNotPublished(RuntimeError):
+    """The answer could not be put on the bus; raised so Oona retries the request."""
+
+
+class UrzaPrefetchWorker:
+    """Serves ``KernelPrefetchRequest``s for one Urza library.
+
+    Run it as an owned task: ``await worker.run()``; ``await worker.stop()``
+    finishes the batch in flight (answers sent, requests acked) and returns.
+    """
+
+    def __init__(
+        self,
+        client: OonaClient,
+        library: UrzaLibrary,
+        *,
+        concurrency: int = 16,
+        batch: int = 64,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.client = client
+        self.library = library
+        self.consumer: GroupConsumer = client.consumer(
+            client.config.kernel_request_stream,
+            self.handle,
+            types={_REQUEST},
+            concurrency=concurrency,
+            batch=batch,
+        )
+        registry = registry if registry is not None else client.metrics.registry
+        self._answers = Counter(
+            "urza_prefetch_answers", "Prefetch requests answered", ["outcome"], registry=registry
+        )
+        self._latency = Histogram(
+            "urza_prefetch_latency_seconds",
+            "Time from request receipt to reply published",
+            buckets=_BUCKETS,
+            registry=registry,
+        )
+        self._tally: Tally[str] = Tally()
+
+    async def run(self) -> None:
+        await self.consumer.run()
+
+    async def stop(self) -> None:
+        await self.consumer.stop()
+
+    async def handle(self, message: OonaMessage) -> None:
+        """Answer one request (the Oona handler)."""
+        started = time.perf_counter()
+        request = message.decode(leyline_pb2.KernelPrefetchRequest)
+        blueprint_id = request.blueprint_id.strip()
+        if not request.request_id.strip():
+            await self._error(request, "missing_request_id")
+        elif not blueprint_id:
+            await self._error(request, "missing_blueprint_id")
+        else:
+            try:
+                info = await self.library.averify_artifact(blueprint_id)
+            except UrzaError as exc:
+                _log.warning(
+                    "urza.prefetch_error",
+                    request_id=request.request_id,
+                    blueprint_id=blueprint_id,
+                    reason=exc.reason,
+                )
+                await self._error(request, exc.reason)
+            else:
+                ready = leyline_pb2.KernelArtifactReady(
+                    request_id=request.request_id,
+                    blueprint_id=info.blueprint_id,
+                    artifact_ref=info.artifact_ref,
+                    checksum=info.checksum,
+                    guard_digest=info.guard_digest,
+                    prewarm_p50_ms=info.prewarm_p50_ms,
+                    prewarm_p95_ms=info.prewarm_p95_ms,
+                )
+                result = await self.client.publish_kernel_artifact_ready(ready)
+                if not result.ok:
+                    raise ReplyNotPublished(f"ready reply refused: {result.reason}")
+                self._count("ready")
+        self._latency.observe(time.perf_counter() - started)
+
+    async def _error(self, request: leyline_pb2.KernelPrefetchRequest, reason: str) -> None:
+        error = leyline_pb2.KernelArtifactError(
+            request_id=request.request_id, blueprint_id=request.blueprint_id, reason=reason
+        )
+        result = await self.client.publish_kernel_artifact_error(error)
+        if not result.ok:
+            raise ReplyNotPublished(f"error reply refused: {result.reason}")
+        self._count(reason)
+
+    def _count(self, outcome: str) -> None:
+        self._answers.labels(outcome).inc()
+        self._tally[outcome] += 1
+
+    def metrics_snapshot(self) -> dict[str, float]:
+        """Answers by outcome (``ready`` or an error reason), as ``prefetch.<outcome>``."""
+        snapshot = {f"prefetch.{k}": float(v) for k, v in self._tally.items()}
+        snapshot["prefetch.total"] = float(sum(self._tally.values()))
+        return snapshot
