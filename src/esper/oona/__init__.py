@@ -11,7 +11,7 @@ from esper.oona.breaker import CircuitBreaker
 from esper.oona.client import OonaClient
 from esper.oona.config import StreamConfig
 from esper.oona.consumer import BroadcastConsumer, GroupConsumer
-from esper.oona.messages import Handler, OonaMessage, PublishResult, RejectReason
+from esper.oona.messages import Handler, OonaMessage, PublishResult, RejectMessage, RejectReason
 
 __all__ = [
     "BroadcastConsumer",
@@ -21,6 +21,7 @@ __all__ = [
     "OonaClient",
     "OonaMessage",
     "PublishResult",
+    "RejectMessage",
     "RejectReason",
     "StreamConfig",
 ]

@@ -13,7 +13,7 @@ per ``depth_refresh_ms``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import redis.asyncio as aioredis
@@ -332,9 +332,13 @@ class OonaClient:
         self,
         stream: str,
         group: str,
-        rejected: list[tuple[str, Mapping[bytes, bytes], RejectReason, str]],
+        rejected: Sequence[tuple[str, Mapping[bytes, bytes], RejectReason | str, str]],
     ) -> None:
-        """Copy rejected entries to the dead-letter stream and ack them, atomically (MULTI)."""
+        """Copy rejected entries to the dead-letter stream and ack them, atomically (MULTI).
+
+        ``reason`` is a ``RejectReason`` or an application reason carried by
+        ``RejectMessage`` (e.g. ``policy_stale_version``).
+        """
         if not rejected:
             return
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -348,9 +352,9 @@ class OonaClient:
             pipe.xack(stream, group, *[item[0] for item in rejected])
             await pipe.execute()
         for entry_id, _fields, reason, detail in rejected:
-            self.metrics.on_dead_letter(reason.value)
+            self.metrics.on_dead_letter(str(reason))
             _log.warning(
-                "oona.dead_letter", stream=stream, entry_id=entry_id, reason=reason.value, detail=detail
+                "oona.dead_letter", stream=stream, entry_id=entry_id, reason=str(reason), detail=detail
             )
 
     async def requeue(self, group: str, message: OonaMessage) -> None:

@@ -33,7 +33,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from esper.core.logs import get_logger
 from esper.oona.envelope import Accepted, Rejection, verify_entry
-from esper.oona.messages import Handler, OonaMessage, RejectReason
+from esper.oona.messages import Handler, OonaMessage, RejectMessage, RejectReason
 
 if TYPE_CHECKING:
     from esper.oona.client import OonaClient
@@ -344,12 +344,37 @@ class GroupConsumer(_Loop):
             await self.handler(message)
         except asyncio.CancelledError:
             raise
+        except RejectMessage as rejection:
+            await self._reject(message, fields or {}, rejection)
+            return
         except Exception as exc:  # noqa: BLE001 - a handler bug is routed to retry, never stops the loop
             client.metrics.on_handler_failed(self.stream, time.perf_counter() - started)
             await self._after_failure(message, fields or {}, exc)
             return
         client.metrics.on_consumed(self.stream, time.perf_counter() - started)
         done.append(message.entry_id)
+
+    async def _reject(
+        self, message: OonaMessage, fields: Mapping[bytes, bytes], rejection: RejectMessage
+    ) -> None:
+        """The handler refused the message: dead-letter it now with its reason, no retry.
+
+        A Redis error leaves the entry pending; it is claimed and handled again later.
+        """
+        client = self.client
+        client.metrics.on_rejected(self.stream, rejection.reason)
+        try:
+            await client.dead_letter(
+                self.stream, self.group, [(message.entry_id, fields, rejection.reason, rejection.detail)]
+            )
+        except (RedisError, OSError) as redis_exc:
+            client.consume_breaker.record_failure()
+            _log.warning(
+                "oona.reject_write_failed",
+                stream=self.stream,
+                entry_id=message.entry_id,
+                error=type(redis_exc).__name__,
+            )
 
     async def _after_failure(
         self, message: OonaMessage, fields: Mapping[bytes, bytes], exc: Exception
@@ -458,6 +483,16 @@ class BroadcastConsumer(_Loop):
                 await self.handler(message)
             except asyncio.CancelledError:
                 raise
+            except RejectMessage as rejection:
+                metrics.on_rejected(self.stream, rejection.reason)
+                _log.warning(
+                    "oona.broadcast_handler_rejected",
+                    stream=self.stream,
+                    entry_id=message.entry_id,
+                    reason=rejection.reason,
+                    detail=rejection.detail[:200],
+                )
+                continue
             except Exception as exc:  # noqa: BLE001 - counted and logged; no group holds it to retry
                 metrics.on_handler_failed(self.stream, time.perf_counter() - started)
                 metrics.on_rejected(self.stream, RejectReason.HANDLER_FAILED.value)

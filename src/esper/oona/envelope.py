@@ -224,7 +224,7 @@ def _v1_kernel_fields(message_type: int, payload: bytes) -> tuple[str, int | Non
 
 
 def dead_letter_fields(
-    fields: Mapping[bytes, bytes], *, reason: RejectReason, stream: str, entry_id: str, detail: str
+    fields: Mapping[bytes, bytes], *, reason: RejectReason | str, stream: str, entry_id: str, detail: str
 ) -> dict[bytes, bytes]:
     """The dead-letter entry: original payload/signature/kid untouched plus why and where from.
 
@@ -236,7 +236,7 @@ def dead_letter_fields(
         value = fields.get(name)
         if value is not None:
             out[name] = value
-    out[b"reason"] = reason.value.encode()
+    out[b"reason"] = str(reason).encode()
     out[b"source_stream"] = stream.encode()
     out[b"source_id"] = entry_id.encode()
     out[b"detail"] = detail[:200].encode("utf-8", "replace")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -25,6 +26,27 @@ class RejectReason(StrEnum):
     REPLAY = "replay"
     OVERSIZED = "oversized"
     HANDLER_FAILED = "handler_failed"
+    HANDLER_REJECTED = "handler_rejected"
+
+
+_REASON = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+
+
+class RejectMessage(Exception):
+    """Raise from a handler to dead-letter the entry at once, without retries.
+
+    For messages that are well-formed on the wire but refused by the
+    application (e.g. a policy update with a stale version): retrying cannot
+    help. A group consumer copies the entry to the dead-letter stream with
+    ``reason`` (a short lowercase token such as ``policy_stale_version``;
+    anything else becomes ``handler_rejected``) and ``detail``, acks it and
+    counts it under that reason; a broadcast reader counts and logs it.
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        self.reason = reason if _REASON.match(reason) else RejectReason.HANDLER_REJECTED.value
+        self.detail = detail
+        super().__init__(f"{self.reason}: {detail}" if detail else self.reason)
 
 
 class _Parseable(Protocol):
