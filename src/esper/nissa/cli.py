@@ -1,0 +1,125 @@
+"""``esper-nissa-service``: run Nissa against a running platform's Redis.
+
+Environment (besides the shared ``EsperSettings``):
+
+* ``REDIS_URL`` - required: Nissa joins a running platform, it never starts
+  its own Redis;
+* ``ESPER_LEYLINE_SECRET`` (+ ``ESPER_LEYLINE_PREVIOUS_SECRETS``) - required;
+* ``NISSA_HTTP_HOST`` (default ``127.0.0.1``) and ``NISSA_HTTP_PORT``
+  (default ``9100``) - where ``/metrics``, ``/healthz``, ``/alerts``,
+  ``/livez`` and ``/readyz`` are served.
+
+A bad or missing setting prints one line and exits 2. SIGINT/SIGTERM stop
+the consumers (in-flight batches are acked) and the HTTP server, exit 0; a
+second signal exits at once with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+
+from esper.core import ConfigError, EsperSettings, configure_logging, get_logger, load_settings
+from esper.core.cli import run_main
+from esper.nissa.service import DEFAULT_HTTP_HOST, DEFAULT_HTTP_PORT, NISSA_GROUP, NissaService
+from esper.oona import OonaClient
+
+HOST_ENV = "NISSA_HTTP_HOST"
+PORT_ENV = "NISSA_HTTP_PORT"
+_log = get_logger("esper.nissa.cli")
+
+
+def http_address(environ: Mapping[str, str] | None = None) -> tuple[str, int]:
+    """``(host, port)`` from ``NISSA_HTTP_HOST``/``NISSA_HTTP_PORT``; ``ConfigError`` when invalid."""
+    env = os.environ if environ is None else environ
+    problems: list[str] = []
+    host = env.get(HOST_ENV, "").strip() or DEFAULT_HTTP_HOST
+    if any(c.isspace() for c in host):
+        problems.append(f"{HOST_ENV}: must be a host name or address without spaces")
+    raw_port = env.get(PORT_ENV, "").strip()
+    port = DEFAULT_HTTP_PORT
+    if raw_port:
+        try:
+            port = int(raw_port)
+        except ValueError:
+            problems.append(f"{PORT_ENV}: must be an integer between 0 and 65535")
+        else:
+            if not 0 <= port <= 65535:
+                problems.append(f"{PORT_ENV}: must be an integer between 0 and 65535")
+    if problems:
+        raise ConfigError(problems)
+    return host, port
+
+
+def build_client(settings: EsperSettings) -> OonaClient:
+    """Group ``nissa``, consumer name unique to this process (``nissa-<host>-<pid>``)."""
+    if not settings.redis_url:
+        raise ConfigError(["REDIS_URL is not set; Nissa joins a running platform's Redis"])
+    return OonaClient.from_settings(settings, group=NISSA_GROUP, consumer_prefix="nissa")
+
+
+async def serve(settings: EsperSettings, host: str, port: int) -> int:
+    client = build_client(settings)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM)
+
+    def on_signal(signum: int) -> None:
+        if stopping.is_set():
+            _log.warning("second signal: exiting at once", signal=signal.Signals(signum).name)
+            os._exit(130)
+        _log.info("signal received: shutting down", signal=signal.Signals(signum).name)
+        stopping.set()
+
+    for signum in signals:
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        service = NissaService(client, http_host=host, http_port=port)
+        await service.run(stopping)
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+        await client.aclose()
+    _log.info("nissa stopped")
+    return 0
+
+
+def nissa_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="esper-nissa-service",
+        description=(
+            "Consume oona.telemetry, oona.normal and oona.emergency (group 'nissa') into "
+            "Prometheus series and alerts; serve /metrics, /healthz, /alerts, /livez, /readyz. "
+            f"Needs REDIS_URL and ESPER_LEYLINE_SECRET; listens on {HOST_ENV}:{PORT_ENV} "
+            f"(default {DEFAULT_HTTP_HOST}:{DEFAULT_HTTP_PORT}). Exits 2 on invalid configuration."
+        ),
+    )
+    parser.parse_args(argv)
+
+    def body() -> int:
+        problems: list[str] = []
+        settings: EsperSettings | None = None
+        try:
+            settings = load_settings(require_secret=True)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+        try:
+            host, port = http_address()
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+        if settings is not None and not settings.redis_url:
+            problems.append("REDIS_URL is not set; Nissa joins a running platform's Redis")
+        if problems or settings is None:
+            raise ConfigError(problems)
+        configure_logging(settings.log_level, settings.log_format)
+        return asyncio.run(serve(settings, host, port))
+
+    return run_main(body)
+
+
+def main() -> None:
+    sys.exit(nissa_main())

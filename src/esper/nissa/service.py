@@ -1,0 +1,260 @@
+"""The Nissa service: bus telemetry in, Prometheus series and alerts out.
+
+``NissaService`` joins consumer group ``nissa`` on three streams:
+
+* ``oona.telemetry`` - TelemetryPackets: every metric point becomes a gauge
+  (source as label, see :mod:`esper.nissa.metrics`) and is fed to the
+  :class:`~esper.nissa.alerts.AlertEngine`;
+* ``oona.normal`` - SystemStatePackets, FieldReports and AdaptationCommands,
+  each counted;
+* ``oona.emergency`` - whatever was published at HIGH/CRITICAL priority
+  (telemetry, states, ...), handled exactly like on the other streams
+  (the anchor never read it: weakness 42).
+
+Entries that fail verification (signature, envelope, type, freshness,
+replay) never reach Nissa: Oona dead-letters them with a reason. A
+well-signed message that Nissa cannot make sense of (a payload that does
+not parse, an unknown enum value) is logged, counted in
+``esper_nissa_handler_errors_total{stream,type}`` and acked: every handler
+here is pure in-memory bookkeeping, so a retry would fail the same way.
+
+HTTP (``HealthServer``): ``/metrics`` (Prometheus text: the platform series
+plus Nissa's own Oona consumer metrics), ``/livez``, ``/readyz`` (consumers
+running and Redis answering), ``/healthz`` (JSON ``{"status": "ok", ...}``
+with per-stream consumer state) and ``/alerts`` (JSON list of firing alerts).
+
+Structured concurrency: ``run(stopping)`` owns the consumers and the HTTP
+server in one ``TaskGroup``; setting ``stopping`` stops the consumers
+(each finishes and acks its batch) and then the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter as PyCounter
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+from typing import Any
+
+from google.protobuf.message import DecodeError
+from prometheus_client import CollectorRegistry, Counter
+
+from esper.core.http_server import HealthServer
+from esper.core.logs import get_logger
+from esper.leyline import leyline_pb2
+from esper.nissa.alerts import DEFAULT_RULES, ActiveAlert, AlertEngine, AlertRule
+from esper.nissa.metrics import TelemetryMetrics
+from esper.oona import GroupConsumer, OonaClient, OonaMessage
+
+_L = leyline_pb2
+_log = get_logger("esper.nissa")
+
+NISSA_GROUP = "nissa"
+DEFAULT_HTTP_HOST = "127.0.0.1"
+DEFAULT_HTTP_PORT = 9100
+
+#: Message types Nissa understands, on whichever stream they arrive.
+HANDLED_TYPES: frozenset[int] = frozenset(
+    {
+        _L.BUS_MESSAGE_TYPE_TELEMETRY,
+        _L.BUS_MESSAGE_TYPE_SYSTEM_STATE,
+        _L.BUS_MESSAGE_TYPE_FIELD_REPORT,
+        _L.BUS_MESSAGE_TYPE_ADAPTATION_COMMAND,
+    }
+)
+_OTHER_TYPES = (
+    frozenset(v for v in _L.BusMessageType.values() if v != _L.BUS_MESSAGE_TYPE_UNSPECIFIED) - HANDLED_TYPES
+)
+
+
+class NissaService:
+    """Consumes the three streams into ``registry`` and serves it over HTTP.
+
+    ``client`` must be configured with group ``nissa`` (see
+    :func:`esper.nissa.cli.build_client`); the service does not close it.
+    """
+
+    def __init__(
+        self,
+        client: OonaClient,
+        *,
+        registry: CollectorRegistry | None = None,
+        rules: tuple[AlertRule, ...] = DEFAULT_RULES,
+        http_host: str = DEFAULT_HTTP_HOST,
+        http_port: int = DEFAULT_HTTP_PORT,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.client = client
+        # Share the client's registry so /metrics also shows Nissa's own consumers
+        # (``oona_*``); platform series are all ``esper_*``, so names never collide.
+        self.registry = registry if registry is not None else client.metrics.registry
+        self.metrics = TelemetryMetrics(self.registry)
+        self.alerts = AlertEngine(rules=rules, clock=clock)
+        self.handler_errors = Counter(
+            "esper_nissa_handler_errors",
+            "Well-signed messages Nissa could not interpret (logged and acked)",
+            ["stream", "type"],
+            registry=self.registry,
+        )
+        self.alerts_fired = Counter(
+            "esper_nissa_alerts_fired", "Alerts that started firing", ["rule"], registry=self.registry
+        )
+        self.handled: PyCounter[str] = PyCounter()
+        self.errors: PyCounter[str] = PyCounter()
+        self.http = HealthServer(http_host, http_port, registry=self.registry, logger=_log)
+        self.http.add_json_route("/healthz", self.health)
+        self.http.add_json_route("/alerts", self.active_alerts)
+        self.http.add_check("consumers", self._consumers_ready)
+        self.http.add_check("redis", self._redis_ready)
+        config = client.config
+        self.streams = tuple(
+            dict.fromkeys((config.telemetry_stream, config.normal_stream, config.emergency_stream))
+        )
+        self.consumers: dict[str, GroupConsumer] = {
+            stream: client.consumer(
+                stream,
+                self._handler_for(stream),
+                types=HANDLED_TYPES,
+                ignore_types=_OTHER_TYPES,
+                batch=100,
+            )
+            for stream in self.streams
+        }
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._listeners: list[Callable[[str, int], None]] = []
+        self.started_at = 0.0
+
+    # -- running -----------------------------------------------------------------------
+
+    async def run(self, stopping: asyncio.Event, ready: asyncio.Event | None = None) -> None:
+        """Consume and serve until ``stopping`` is set; ``ready`` is set once listening."""
+        for stream in self.streams:
+            await self.client.ensure_group(stream)
+        await self.http.start()
+        self.started_at = time.time()
+        try:
+            async with asyncio.TaskGroup() as group:
+                for stream, consumer in self.consumers.items():
+                    self._tasks[stream] = group.create_task(consumer.run(), name=f"nissa:{stream}")
+                _log.info(
+                    "nissa ready",
+                    streams=list(self.streams),
+                    consumer=self.client.config.consumer,
+                    http=self.http.url,
+                )
+                if ready is not None:
+                    ready.set()
+                await stopping.wait()
+                _log.info("nissa stopping")
+                await asyncio.gather(*(c.stop() for c in self.consumers.values()))
+        finally:
+            await self.http.stop()
+
+    @property
+    def port(self) -> int:
+        return self.http.port
+
+    def add_listener(self, listener: Callable[[str, int], None]) -> None:
+        """Call ``listener(stream, message_type)`` after each message is recorded (tests, demos)."""
+        self._listeners.append(listener)
+
+    # -- handling ----------------------------------------------------------------------
+
+    def _handler_for(self, stream: str) -> Callable[[OonaMessage], Awaitable[None]]:
+        async def handle(message: OonaMessage) -> None:
+            try:
+                self.record(message)
+            except (DecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                kind = _type_label(message.message_type)
+                self.errors[kind] += 1
+                self.handler_errors.labels(stream=stream, type=kind).inc()
+                _log.warning(
+                    "nissa.uninterpretable_message",
+                    stream=stream,
+                    entry_id=message.entry_id,
+                    type=kind,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+            for listener in self._listeners:
+                listener(stream, message.message_type)
+
+        return handle
+
+    def record(self, message: OonaMessage) -> None:
+        """Turn one verified message into series; raises on a payload it cannot parse."""
+        kind = message.message_type
+        if kind == _L.BUS_MESSAGE_TYPE_TELEMETRY:
+            packet = message.decode(_L.TelemetryPacket)
+            samples = self.metrics.record_telemetry(packet)
+            source = packet.source_subsystem or "unknown"
+            for alert in self.alerts.observe(source, samples):
+                self.alerts_fired.labels(rule=alert.rule).inc()
+                _log.warning(
+                    "nissa.alert_firing",
+                    rule=alert.rule,
+                    source=alert.source,
+                    metric=alert.metric,
+                    value=alert.value,
+                    severity=alert.severity,
+                )
+        elif kind == _L.BUS_MESSAGE_TYPE_SYSTEM_STATE:
+            self.metrics.record_state(message.decode(_L.SystemStatePacket))
+        elif kind == _L.BUS_MESSAGE_TYPE_FIELD_REPORT:
+            self.metrics.record_field_report(message.decode(_L.FieldReport))
+        elif kind == _L.BUS_MESSAGE_TYPE_ADAPTATION_COMMAND:
+            self.metrics.record_command(message.decode(_L.AdaptationCommand))
+        else:  # pragma: no cover - the consumers only hand over HANDLED_TYPES
+            return
+        self.handled[_type_label(kind)] += 1
+
+    # -- HTTP views --------------------------------------------------------------------
+
+    def active_alerts(self) -> list[dict[str, Any]]:
+        return [_alert_view(alert) for alert in self.alerts.active()]
+
+    def consumer_state(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for stream, consumer in self.consumers.items():
+            task = self._tasks.get(stream)
+            running = task is not None and not task.done()
+            out[stream] = {
+                "running": running,
+                "stopping": consumer.stopping,
+                "reconnects": consumer.reconnects,
+                "consumer": consumer.name,
+                "group": consumer.group,
+            }
+        return out
+
+    def health(self) -> dict[str, Any]:
+        consumers = self.consumer_state()
+        healthy = all(c["running"] for c in consumers.values())
+        return {
+            "status": "ok" if healthy else "degraded",
+            "consumers": consumers,
+            "consume_breaker": int(self.client.consume_breaker.state),
+            "handled": dict(self.handled),
+            "handler_errors": dict(self.errors),
+            "alerts_active": len(self.alerts.active()),
+            "uptime_s": round(time.time() - self.started_at, 3) if self.started_at else 0.0,
+        }
+
+    async def _consumers_ready(self) -> tuple[bool, str]:
+        stopped = [s for s, c in self.consumer_state().items() if not c["running"]]
+        return (not stopped, f"not running: {', '.join(stopped)}" if stopped else "")
+
+    async def _redis_ready(self) -> tuple[bool, str]:
+        await self.client.redis.ping()
+        return True, ""
+
+
+def _type_label(message_type: int) -> str:
+    try:
+        return _L.BusMessageType.Name(message_type).removeprefix("BUS_MESSAGE_TYPE_").lower()  # type: ignore[arg-type]
+    except ValueError:
+        return str(message_type)
+
+
+def _alert_view(alert: ActiveAlert) -> dict[str, Any]:
+    return asdict(alert)
