@@ -169,6 +169,9 @@ async def test_corrupt_vanished_and_truncated_artifacts_keep_the_worker_serving(
     bus: tuple[OonaClient, UrzaPrefetchWorker, Replies], library: UrzaLibrary
 ) -> None:
     peer, worker, replies = bus
+    # A good answer first, so the tampering below happens to a recently verified file.
+    await peer.publish_kernel_prefetch_request(_request("r-pre", "BP009"))
+    assert isinstance(await replies.wait_for("r-pre"), pb.KernelArtifactReady)
     record = library.get("BP009")
     assert record is not None
     path = library.resolve_ref(record.artifact_ref)
@@ -192,7 +195,7 @@ async def test_corrupt_vanished_and_truncated_artifacts_keep_the_worker_serving(
     snapshot = worker.metrics_snapshot()
     assert snapshot["prefetch.checksum_mismatch"] == 2
     assert snapshot["prefetch.artifact_not_found"] == 1
-    assert snapshot["prefetch.ready"] == 1
+    assert snapshot["prefetch.ready"] == 2
 
 
 async def test_unchanged_file_is_not_hashed_again(

@@ -17,8 +17,10 @@ raised, so Oona retries the request with backoff and finally dead-letters it
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter as Tally
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -26,11 +28,19 @@ from esper.core.logs import get_logger
 from esper.leyline import leyline_pb2
 from esper.oona import GroupConsumer, OonaClient, OonaMessage
 from esper.urza.errors import UrzaError
-from esper.urza.library import UrzaLibrary
+from esper.urza.library import ArtifactInfo, UrzaLibrary
 
 _log = get_logger("esper.urza.prefetch")
 _REQUEST = leyline_pb2.BUS_MESSAGE_TYPE_KERNEL_PREFETCH_REQUEST
 _BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    info: ArtifactInfo
+    path: str
+    stat_key: tuple[int, int, int]
+    expires: float
 
 
 class ReplyNotPublished(RuntimeError):
@@ -52,9 +62,12 @@ class UrzaPrefetchWorker:
         concurrency: int = 16,
         batch: int = 64,
         registry: CollectorRegistry | None = None,
+        answer_ttl_s: float = 1.0,
     ) -> None:
         self.client = client
         self.library = library
+        self._answer_ttl_s = answer_ttl_s
+        self._answers_by_id: dict[str, _Answer] = {}
         self.consumer: GroupConsumer = client.consumer(
             client.config.kernel_request_stream,
             self.handle,
@@ -91,7 +104,7 @@ class UrzaPrefetchWorker:
             await self._error(request, "missing_blueprint_id")
         else:
             try:
-                info = await self.library.averify_artifact(blueprint_id)
+                info = self._recent_answer(blueprint_id) or await self._verify(blueprint_id)
             except UrzaError as exc:
                 _log.warning(
                     "urza.prefetch_error",
@@ -115,6 +128,39 @@ class UrzaPrefetchWorker:
                     raise ReplyNotPublished(f"ready reply refused: {result.reason}")
                 self._count("ready")
         self._latency.observe(time.perf_counter() - started)
+
+    def _recent_answer(self, blueprint_id: str) -> ArtifactInfo | None:
+        """A verification done less than ``answer_ttl_s`` ago whose file is unchanged.
+
+        Hot blueprints are asked for by every seed of every run; answering
+        them from memory saves a database query and a thread hop each time.
+        The catalogue row is re-read at least every ``answer_ttl_s`` and the
+        file's stat is checked on every use, so a re-forged or tampered
+        artifact is noticed at once (and re-verified off the event loop).
+        """
+        answer = self._answers_by_id.get(blueprint_id)
+        if answer is None or time.monotonic() >= answer.expires:
+            return None
+        try:
+            st = os.stat(answer.path)
+        except OSError:
+            return None
+        if (st.st_size, st.st_mtime_ns, st.st_ino) != answer.stat_key:
+            return None
+        return answer.info
+
+    async def _verify(self, blueprint_id: str) -> ArtifactInfo:
+        self._answers_by_id.pop(blueprint_id, None)
+        info = await self.library.averify_artifact(blueprint_id)
+        path = str(self.library.resolve_ref(info.artifact_ref))
+        try:
+            st = os.stat(path)
+        except OSError:
+            return info
+        self._answers_by_id[blueprint_id] = _Answer(
+            info, path, (st.st_size, st.st_mtime_ns, st.st_ino), time.monotonic() + self._answer_ttl_s
+        )
+        return info
 
     async def _error(self, request: leyline_pb2.KernelPrefetchRequest, reason: str) -> None:
         error = leyline_pb2.KernelArtifactError(
