@@ -9,17 +9,21 @@ Public API::
     for batch in data:
         ...; loss.backward(); optimizer.step(); manager.step()
 
-The bus-facing coordinator implements :class:`KernelProvider` and answers
-through ``attach_kernel`` / ``kernel_failed``.
+The bus-facing :class:`KasminaPrefetchCoordinator` implements
+:class:`KernelProvider` and answers through ``attach_kernel`` /
+``kernel_failed``; :class:`KasminaCommandIntake` feeds bus commands to
+``handle_command``.
 """
 
 from esper.kasmina.blending import AlphaSchedule
 from esper.kasmina.breaker import KasminaCircuitBreaker
 from esper.kasmina.context import SeedContext
 from esper.kasmina.gates import GateInputs, GateResult, evaluate_gate
+from esper.kasmina.intake import KasminaCommandIntake
 from esper.kasmina.isolation import IsolationReport
 from esper.kasmina.kernel_cache import KernelCache
 from esper.kasmina.lifecycle import ALLOWED_TRANSITIONS, IllegalTransition, SeedLifecycle
+from esper.kasmina.prefetch import KasminaPrefetchCoordinator, OutstandingRequest
 from esper.kasmina.providers import BlueprintRuntime, KernelProvider, KernelSink, LocalKernelProvider
 from esper.kasmina.seed_manager import CommandResult, KasminaSeedManager
 from esper.kasmina.slot import SeedSlot, add_seed_slots
@@ -36,12 +40,15 @@ __all__ = [
     "IllegalTransition",
     "IsolationReport",
     "KasminaCircuitBreaker",
+    "KasminaCommandIntake",
+    "KasminaPrefetchCoordinator",
     "KasminaSeedManager",
     "KernelCache",
     "KernelProvider",
     "KernelSink",
     "LocalKernelProvider",
     "NonceLedger",
+    "OutstandingRequest",
     "SeedContext",
     "SeedLifecycle",
     "SeedSlot",

@@ -1,10 +1,10 @@
 """Tamiyo: the controller that decides how the host model grows.
 
-Bus-independent core: the Weatherlight service feeds SystemStatePackets to
-:class:`TamiyoController` and publishes the signed commands, telemetry and
-field reports it returns; policy updates go through
-:meth:`TamiyoController.apply_policy_update`. Offline training lives in
-:mod:`esper.tamiyo.simic`.
+Bus-independent core: :class:`TamiyoController` turns SystemStatePackets
+into signed commands, telemetry and field reports; policy updates go through
+:meth:`TamiyoController.apply_policy_update`. :class:`TamiyoService` runs it
+on Oona (states and policy updates in; commands, reports, telemetry out).
+Offline training lives in :mod:`esper.tamiyo.simic`.
 """
 
 from esper.tamiyo.controller import TamiyoController
@@ -26,6 +26,7 @@ from esper.tamiyo.registry import (
     encode_policy,
     policy_version_of,
 )
+from esper.tamiyo.service import DecisionNotPublished, TamiyoService, publish_simic_update
 
 __all__ = [
     "DEFAULT_BLUEPRINT_CANDIDATES",
@@ -36,6 +37,7 @@ __all__ = [
     "CachedBlueprintMetadata",
     "ControllerConfig",
     "Decision",
+    "DecisionNotPublished",
     "FieldReportStore",
     "PayloadError",
     "PolicyAction",
@@ -46,9 +48,11 @@ __all__ = [
     "TamiyoController",
     "TamiyoPolicy",
     "TamiyoPolicyRegistry",
+    "TamiyoService",
     "decode_payload",
     "encode_policy",
     "extract_features",
     "generate_field_report",
     "policy_version_of",
+    "publish_simic_update",
 ]
