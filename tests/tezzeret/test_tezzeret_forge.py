@@ -164,10 +164,18 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], isolated_env: P
         main(["--width", "8", "--dtype", "int4"])
     assert info.value.code == 2
     assert main(["--width", "8", "--database-url", "mysql://x"]) == 2
-    assert "invalid settings" in capsys.readouterr().err
+    assert "URZA_DATABASE_URL" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
         main(["--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--width", "--blueprints", "--dtype", "--artifact-dir", "--database-url", "--force"):
+    for flag in (
+        "--width",
+        "--blueprints",
+        "--dtype",
+        "--artifact-dir",
+        "--database-url",
+        "--force",
+        "--publish",
+    ):
         assert flag in out

@@ -1,19 +1,23 @@
-"""``esper-forge``: compile blueprint kernels for a slot width into the Urza library (no bus needed)."""
+"""``esper-forge``: compile blueprint kernels for a slot width into the Urza library.
+
+Works without a bus; with ``--publish`` each kernel is also announced on Oona.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TextIO
 
-from pydantic import ValidationError
-
 from esper.core.errors import ConfigError
+from esper.core.settings import EsperSettings, load_settings
 from esper.karn import KarnCatalog, UnknownBlueprintError
+from esper.leyline import leyline_pb2
+from esper.oona import OonaClient
 from esper.tezzeret.compiler import CompileError
-from esper.tezzeret.forge import ForgeProgress, run_forge
+from esper.tezzeret.forge import ForgeProgress, ForgeReport, run_forge
 from esper.urza.errors import UrzaError
 from esper.urza.families import DTYPES
 
@@ -79,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="catalogue URL, sqlite:///path or postgresql://... "
         "(default: URZA_DATABASE_URL or sqlite:///./var/urza/catalog.db)",
     )
+    parser.add_argument(
+        "--publish",
+        action="store_true",
+        help="announce each compiled kernel as a signed KernelCatalogUpdate on the bus "
+        "(needs REDIS_URL and ESPER_LEYLINE_SECRET)",
+    )
     parser.add_argument("--force", action="store_true", help="recompile even kernels a previous run finished")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress line")
     return parser
@@ -129,17 +139,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.database_url:
         overrides["urza_database_url"] = args.database_url
     try:
-        from esper.core.settings import EsperSettings
-
-        settings = EsperSettings(**overrides)
-    except (ValidationError, ConfigError) as exc:
-        print(f"esper-forge: invalid settings: {exc}", file=sys.stderr)
+        settings = load_settings(**overrides)
+        bus = _bus(settings) if args.publish else None
+    except ConfigError as exc:
+        print(f"esper-forge: {exc}", file=sys.stderr)
         return EXIT_USAGE
     progress = None if args.quiet else ProgressLine(sys.stderr)
     try:
-        report = asyncio.run(
-            run_forge(settings, args.width, ids, progress=progress, dtype=args.dtype, force=args.force)
-        )
+        report = asyncio.run(_forge(settings, args, ids, progress, bus))
     except UnknownBlueprintError as exc:
         print(f"esper-forge: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -149,13 +156,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - a database error, for instance; keep the message, no traceback
         print(f"\nesper-forge: failed: {exc.__class__.__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    published = f", {len(report.compiled) - len(report.publish_failures)} announced" if bus else ""
     print(
         f"esper-forge: width {report.d} {report.dtype}: {len(report.compiled)} compiled, "
-        f"{len(report.skipped)} already done, {report.elapsed_s:.1f}s "
+        f"{len(report.skipped)} already done{published}, {report.elapsed_s:.1f}s "
         f"(artifacts in {settings.urza_artifact_dir})",
         file=sys.stderr,
     )
+    if report.publish_failures:
+        print(f"esper-forge: {len(report.publish_failures)} announcement(s) failed", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
+
+
+def _bus(settings: EsperSettings) -> OonaClient:
+    return OonaClient.from_settings(settings, group="tezzeret", consumer_prefix="forge")
+
+
+async def _forge(
+    settings: EsperSettings,
+    args: argparse.Namespace,
+    ids: list[str] | None,
+    progress: ProgressLine | None,
+    bus: OonaClient | None,
+) -> ForgeReport:
+    on_update: Callable[[leyline_pb2.KernelCatalogUpdate], Awaitable[None]] | None = None
+    if bus is not None:
+
+        async def announce(update: leyline_pb2.KernelCatalogUpdate) -> None:
+            result = await bus.publish_kernel_catalog_update(update)
+            if not result.ok:
+                raise RuntimeError(f"catalog update for {update.blueprint_id} not published: {result.reason}")
+
+        on_update = announce
+    try:
+        return await run_forge(
+            settings, args.width, ids, on_update, progress, dtype=args.dtype, force=args.force
+        )
+    finally:
+        if bus is not None:
+            await bus.aclose()
 
 
 if __name__ == "__main__":  # pragma: no cover
