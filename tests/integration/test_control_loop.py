@@ -1,0 +1,649 @@
+"""The control loop end to end over a real Redis, a real SQLite Urza and real forged kernels.
+
+Tamiyo (TamiyoService) → signed command on oona.normal → Kasmina intake →
+germinate → KernelPrefetchRequest → UrzaPrefetchWorker → KernelArtifactReady →
+KasminaPrefetchCoordinator verifies checksum + guard and attaches → the seed
+trains, blends and changes the host's output. Plus the failure paths: forged
+artifacts, lost requests, Simic policy updates (genuine and forged) and bad
+commands. Waits are bounded and event-driven (queues, events, blocking XREAD).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+import torch
+from torch import nn
+
+from esper.karn import KarnCatalog
+from esper.kasmina import (
+    AlphaSchedule,
+    CommandResult,
+    KasminaCommandIntake,
+    KasminaPrefetchCoordinator,
+    KasminaSeedManager,
+    SeedSlot,
+)
+from esper.leyline import leyline_pb2
+from esper.oona import OonaClient, OonaMessage, StreamConfig
+from esper.security import KeyRing, sign_command
+from esper.tamiyo import (
+    PolicyConfig,
+    TamiyoController,
+    TamiyoPolicy,
+    TamiyoPolicyRegistry,
+    TamiyoService,
+    encode_policy,
+    publish_simic_update,
+)
+from esper.tamiyo.simic import train_policy_update
+from esper.tezzeret import TezzeretForge
+from esper.urza import UrzaLibrary, UrzaRuntime
+from esper.urza.prefetch import UrzaPrefetchWorker
+
+L = leyline_pb2
+D = 16
+RUN = "run-integration"
+SECRET = b"integration-secret-0123456789abcdef"
+LIMIT_S = 10.0
+FORGED = ("BP001", "BP002", "BP009")
+
+
+# --------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def artifact_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real kernels for slot width D, forged once for the module."""
+    root = tmp_path_factory.mktemp("urza")
+    library = UrzaLibrary(root)
+    try:
+        report = TezzeretForge(KarnCatalog(), library).run(D, list(FORGED))
+    finally:
+        library.close()
+    assert sorted(report.compiled) == sorted(FORGED)
+    return root
+
+
+@pytest.fixture
+def keyring() -> KeyRing:
+    return KeyRing(SECRET)
+
+
+@pytest.fixture
+async def make_client(redis_url: str, keyring: KeyRing) -> AsyncIterator[Callable[..., OonaClient]]:
+    clients: list[OonaClient] = []
+
+    def factory(group: str, consumer: str | None = None, ring: KeyRing | None = None) -> OonaClient:
+        config = StreamConfig(
+            group=group,
+            consumer=consumer or f"{group}-1",
+            block_ms=200,
+            retry_backoff_ms=20,
+            retry_max_attempts=3,
+        )
+        client = OonaClient(redis_url, config, ring or keyring)
+        clients.append(client)
+        return client
+
+    yield factory
+    for client in clients:
+        await client.aclose()
+
+
+@pytest.fixture
+def libraries(artifact_dir: Path) -> Iterator[Callable[[], UrzaLibrary]]:
+    """Separate library instances on the same catalogue (one per process role)."""
+    opened: list[UrzaLibrary] = []
+
+    def open_library() -> UrzaLibrary:
+        library = UrzaLibrary(artifact_dir, sweep_grace_seconds=None)
+        opened.append(library)
+        return library
+
+    yield open_library
+    for library in opened:
+        library.close()
+
+
+def host_model(*slots: str) -> nn.Sequential:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Linear(4, D), nn.ReLU()]
+    layers += [SeedSlot(nn.Linear(D, D), D, name=name) for name in slots]
+    layers.append(nn.Linear(D, 2))
+    return nn.Sequential(*layers)
+
+
+def make_manager(
+    library: UrzaLibrary, model: nn.Module, keyring: KeyRing, **overrides: Any
+) -> KasminaSeedManager:
+    options: dict[str, Any] = {
+        "runtime": UrzaRuntime(library),  # fallback blueprint (BP001) comes from the local library
+        "keys": keyring,
+        "training_run_id": RUN,
+        "training_steps": 2,
+        "shadowing_steps": 2,
+        "alpha_schedule": AlphaSchedule(total_steps=6, temperature=1.0),
+        "prefetch_timeout_seconds": 3.0,
+    }
+    options.update(overrides)
+    manager = KasminaSeedManager(**options)
+    manager.register_host_model(model)
+    return manager
+
+
+class ObservedCoordinator(KasminaPrefetchCoordinator):
+    """The real coordinator, plus an event set after every reply handled and every expiry tick."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.changed = asyncio.Event()
+
+    async def handle_ready(self, message: OonaMessage) -> None:
+        await super().handle_ready(message)
+        self.changed.set()
+
+    async def handle_error(self, message: OonaMessage) -> None:
+        await super().handle_error(message)
+        self.changed.set()
+
+    async def tick(self) -> int:
+        expired = await super().tick()
+        self.changed.set()
+        return expired
+
+    async def until(self, predicate: Callable[[], bool], limit_s: float = LIMIT_S) -> None:
+        async with asyncio.timeout(limit_s):
+            while not predicate():
+                self.changed.clear()
+                await self.changed.wait()
+
+
+@contextlib.asynccontextmanager
+async def running(*workers: Any) -> AsyncIterator[None]:
+    """Run workers as owned tasks; stop them (reverse order) on exit."""
+    async with asyncio.TaskGroup() as group:
+        for worker in workers:
+            group.create_task(worker.run())
+        try:
+            yield
+        finally:
+            for worker in reversed(workers):
+                await worker.stop()
+
+
+def germinate_command(
+    keyring: KeyRing | None,
+    seed_id: str,
+    blueprint_id: str = "BP009",
+    *,
+    issued_at: float | None = None,
+) -> L.AdaptationCommand:
+    command = L.AdaptationCommand(
+        version=1,
+        command_id=uuid.uuid4().hex,
+        command_type=L.COMMAND_SEED,
+        target_seed_id=seed_id,
+        issued_by="test",
+    )
+    command.seed_operation.operation = L.SEED_OP_GERMINATE
+    command.seed_operation.blueprint_id = blueprint_id
+    command.annotations["training_run_id"] = RUN
+    command.issued_at.FromNanoseconds(int((time.time() if issued_at is None else issued_at) * 1e9))
+    if keyring is not None:
+        sign_command(command, keyring)
+    return command
+
+
+def events(manager: KasminaSeedManager, name: str) -> list[dict[str, str]]:
+    """Every event ``name`` the manager emitted (queued or already in telemetry packets)."""
+    found = [dict(e.attributes) for e in manager.pending_events if e.description == name]
+    for packet in manager.telemetry_packets:
+        found += [dict(e.attributes) for e in packet.events if e.description == name]
+    return found
+
+
+def germinate_policy(*, seed: int = 0) -> TamiyoPolicy:
+    """A real policy mildly preferring GERMINATE of BP009 (Simic can talk it out of it)."""
+    policy = TamiyoPolicy(PolicyConfig(seed=seed))
+    with torch.no_grad():
+        policy.action_head.weight.zero_()
+        policy.action_head.bias.zero_()
+        policy.action_head.bias[0] = 1.0
+        policy.blueprint_head.weight.zero_()
+        policy.blueprint_head.bias.fill_(-1.0)
+        policy.blueprint_head.bias[policy.blueprint_candidates.index("BP009")] = 1.0
+    return policy
+
+
+def system_state(
+    run_id: str, epoch: int, loss: float, seeds: list[L.SeedState] | None = None
+) -> L.SystemStatePacket:
+    state = L.SystemStatePacket(
+        version=1,
+        current_epoch=epoch,
+        validation_loss=loss,
+        validation_accuracy=0.5,
+        training_loss=loss,
+        training_run_id=run_id,
+        packet_id=f"{run_id}-{epoch}-{uuid.uuid4().hex[:6]}",
+        source_subsystem="tolaria",
+        timestamp_ns=time.time_ns(),
+    )
+    state.seed_states.extend(seeds or [])
+    return state
+
+
+async def read_stream(
+    redis: aioredis.Redis,
+    stream: str,
+    predicate: Callable[[dict[bytes, bytes]], bool],
+    *,
+    start: str = "0-0",
+    limit_s: float = LIMIT_S,
+) -> dict[bytes, bytes]:
+    """Blocking XREAD (no polling) until an entry matches."""
+    last = start
+    async with asyncio.timeout(limit_s):
+        while True:
+            reply = await redis.xread({stream: last}, block=500)
+            for _s, entries in reply or []:
+                for entry_id, fields in entries:
+                    last = entry_id.decode()
+                    if predicate(fields):
+                        return dict(fields)
+
+
+def decoded(fields: dict[bytes, bytes]) -> tuple[int, bytes]:
+    envelope = L.BusEnvelope()
+    envelope.ParseFromString(fields[b"payload"])
+    return envelope.message_type, envelope.payload
+
+
+def decision_telemetry_for(run_id: str) -> Callable[[dict[bytes, bytes]], bool]:
+    def match(fields: dict[bytes, bytes]) -> bool:
+        kind, payload = decoded(fields)
+        if kind != L.BUS_MESSAGE_TYPE_TELEMETRY:
+            return False
+        packet = L.TelemetryPacket()
+        packet.ParseFromString(payload)
+        return packet.system_health.indicators.get("training_run_id") == run_id
+
+    return match
+
+
+def telemetry_action(fields: dict[bytes, bytes]) -> str:
+    packet = L.TelemetryPacket()
+    packet.ParseFromString(decoded(fields)[1])
+    return packet.system_health.indicators["action"]
+
+
+# ----------------------------------------------------------------------- tests
+async def test_germinate_over_bus_attaches_verified_kernel_that_blends_in_isolation(
+    make_client: Callable[..., OonaClient], libraries: Callable[[], UrzaLibrary], keyring: KeyRing
+) -> None:
+    model = host_model("seed-1")
+    manager = make_manager(libraries(), model, keyring)
+    training = make_client("training")
+    coordinator = ObservedCoordinator(
+        training, manager, UrzaRuntime(libraries()), training_run_id=RUN, expire_interval_s=0.1
+    )
+    worker = UrzaPrefetchWorker(make_client("urza"), libraries())
+    # The command Tamiyo itself would send for this state.
+    controller = TamiyoController(keyring, KarnCatalog(), registry=TamiyoPolicyRegistry(germinate_policy()))
+    decision = controller.evaluate(system_state(RUN, 1, 1.0))
+    assert decision.command is not None
+    assert decision.command.command_type == L.COMMAND_SEED
+    assert decision.command.target_seed_id == "seed-1"
+    assert decision.command.seed_operation.blueprint_id == "BP009"
+
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+    target = torch.randn(8, 2, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        host_only = model(x).clone()
+
+    async with running(worker, coordinator):
+        await asyncio.wait_for(coordinator.ready.wait(), LIMIT_S)
+        result = await manager.handle_command(decision.command)
+        assert result.applied, result
+        seed = manager.get_seed("seed-1")
+        assert seed is not None
+        await coordinator.until(lambda: seed.kernel is not None)
+
+    assert seed.stage == L.SEED_STAGE_TRAINING
+    assert seed.kernel_source == "bus"
+    assert not seed.used_fallback
+    assert 0.0 < seed.latency_ms < manager.latency_budget_ms
+    assert coordinator.count("attached") == 1
+    assert coordinator.count("requests_sent") == 1
+    assert worker.metrics_snapshot()["prefetch.ready"] == 1
+    assert type(seed.kernel).__name__ == "ResidualMLP"
+
+    slot = manager.slot_for("seed-1")
+    assert slot is not None
+    assert slot.kernel is seed.kernel
+    host_params = list(model.parameters())
+    seed_params = manager.seed_parameters("seed-1")
+    assert seed_params
+    assert not {id(p) for p in seed_params} & {id(p) for p in host_params}
+    seed_opt = torch.optim.SGD(seed_params, lr=0.05)
+    stages: list[int] = []
+    alphas: list[float] = []
+    checked_isolation = False
+    for _ in range(14):
+        model.zero_grad()
+        seed_opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), target)
+        loss.backward()  # type: ignore[no-untyped-call]
+        if slot.alpha > 0.0 and not checked_isolation:
+            checked_isolation = True
+            assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in seed_params)
+            actual = [p.grad.clone() if p.grad is not None else None for p in host_params]
+            # Reference: the same blend with the seed output as a constant.
+            model.zero_grad()
+            h = model[1](model[0](x))
+            y_host = slot.host(h)
+            seed_out = slot.kernel(y_host.detach()).detach()
+            blended = (1 - slot.alpha) * y_host + slot.alpha * seed_out
+            nn.functional.mse_loss(model[3](blended), target).backward()  # type: ignore[no-untyped-call]
+            for got, ref in zip(actual, [p.grad for p in host_params], strict=True):
+                assert got is not None
+                assert ref is not None
+                torch.testing.assert_close(got, ref, rtol=0, atol=1e-7)
+        seed_opt.step()
+        manager.step()
+        stages.append(seed.stage)
+        alphas.append(slot.alpha)
+
+    assert checked_isolation
+    assert L.SEED_STAGE_BLENDING in stages
+    assert stages.index(L.SEED_STAGE_BLENDING) > stages.index(L.SEED_STAGE_TRAINING)
+    blending = [a for a, s in zip(alphas, stages, strict=True) if s == L.SEED_STAGE_BLENDING]
+    assert len(blending) >= 3
+    assert blending == sorted(blending)
+    assert blending[0] < blending[-1]
+    assert seed.stage in (L.SEED_STAGE_SHADOWING, L.SEED_STAGE_PROBATIONARY)
+    assert slot.alpha == 1.0
+    with torch.no_grad():
+        grafted = model(x)
+    assert not torch.allclose(grafted, host_only, atol=1e-4)  # host weights were never stepped
+    assert seed.isolation_violations == 0
+
+
+async def test_tamiyo_service_command_reaches_kasmina_over_the_bus(
+    make_client: Callable[..., OonaClient],
+    libraries: Callable[[], UrzaLibrary],
+    keyring: KeyRing,
+    tmp_path: Path,
+    redis_client: aioredis.Redis,
+) -> None:
+    model = host_model("seed-1")
+    manager = make_manager(libraries(), model, keyring)
+    training = make_client("training")
+    coordinator = ObservedCoordinator(
+        training, manager, UrzaRuntime(libraries()), training_run_id=RUN, expire_interval_s=0.1
+    )
+    results: asyncio.Queue[tuple[L.AdaptationCommand, CommandResult]] = asyncio.Queue()
+    intake = KasminaCommandIntake(training, manager, on_result=lambda c, r: results.put_nowait((c, r)))
+    controller = TamiyoController(
+        keyring, KarnCatalog(), registry=TamiyoPolicyRegistry(germinate_policy(), policy_dir=tmp_path / "p")
+    )
+    service = TamiyoService(make_client("tamiyo"), controller)
+    worker = UrzaPrefetchWorker(make_client("urza"), libraries())
+
+    async with running(worker, coordinator, intake, service):
+        await asyncio.wait_for(coordinator.ready.wait(), LIMIT_S)
+        await asyncio.wait_for(intake.ready.wait(), LIMIT_S)
+        published = await training.publish_state(system_state(RUN, 1, 1.0, manager.export_seed_states()))
+        assert published.ok
+        command, result = await asyncio.wait_for(results.get(), LIMIT_S)
+        assert result.applied, result
+        assert command.issued_by == "tamiyo"
+        assert command.command_type == L.COMMAND_SEED
+        assert command.seed_operation.blueprint_id == "BP009"
+        seed = manager.get_seed(command.target_seed_id)
+        assert seed is not None
+        await coordinator.until(lambda: seed.kernel is not None)
+        assert seed.kernel_source == "bus"
+        assert seed.stage == L.SEED_STAGE_TRAINING
+        # The next state shows the seed grafting: Tamiyo defers, closes the previous
+        # command with a field report and sends no second germination.
+        await training.publish_state(system_state(RUN, 2, 0.9, manager.export_seed_states()))
+        report = await read_stream(
+            redis_client, "oona.normal", lambda f: decoded(f)[0] == L.BUS_MESSAGE_TYPE_FIELD_REPORT
+        )
+        parsed = L.FieldReport()
+        parsed.ParseFromString(decoded(report)[1])
+        assert parsed.command_id == command.command_id
+        assert parsed.outcome == L.FIELD_REPORT_OUTCOME_SUCCESS
+
+    snap = service.metrics_snapshot()
+    assert snap["tamiyo.service.states_evaluated"] == 2
+    assert snap["tamiyo.service.commands_published"] == 1
+    assert snap["tamiyo.service.field_reports_published"] == 1
+    assert snap["tamiyo.service.telemetry_published"] == 2
+    assert intake.count("applied") == 1
+    assert manager.accepted_commands == 1
+    assert results.empty()
+
+
+async def test_forged_ready_is_rejected_and_a_lost_request_falls_back(
+    make_client: Callable[..., OonaClient],
+    libraries: Callable[[], UrzaLibrary],
+    keyring: KeyRing,
+) -> None:
+    library = libraries()
+    model = host_model("seed-1", "seed-2", "seed-3")
+    manager = make_manager(library, model, keyring, prefetch_timeout_seconds=0.3, prefetch_retries=1)
+    training = make_client("training")
+    coordinator = ObservedCoordinator(
+        training, manager, UrzaRuntime(libraries()), training_run_id=RUN, expire_interval_s=0.05
+    )
+    attacker = make_client("attacker")  # holds the bus key, but not the artifact
+    record = library.get("BP009")
+    other = library.get("BP002")
+    assert record is not None
+    assert other is not None
+
+    async with running(coordinator):  # no Urza worker: nobody answers
+        await asyncio.wait_for(coordinator.ready.wait(), LIMIT_S)
+        for seed_id in ("seed-1", "seed-2"):
+            assert (await manager.handle_command(germinate_command(keyring, seed_id))).applied
+        pending = {e.seed_id: rid for rid, e in coordinator.outstanding.items()}
+        assert set(pending) == {"seed-1", "seed-2"}
+        # seed-1: a signed reply naming BP002's file but BP009's checksum.
+        bad_checksum = L.KernelArtifactReady(
+            request_id=pending["seed-1"],
+            blueprint_id="BP009",
+            artifact_ref=other.artifact_ref,
+            checksum=record.checksum,
+            guard_digest=record.guard_digest,
+        )
+        # seed-2: the right file and checksum, a forged guard digest.
+        bad_guard = L.KernelArtifactReady(
+            request_id=pending["seed-2"],
+            blueprint_id="BP009",
+            artifact_ref=record.artifact_ref,
+            checksum=record.checksum,
+            guard_digest="0" * len(record.guard_digest),
+        )
+        assert (await attacker.publish_kernel_artifact_ready(bad_checksum)).ok
+        assert (await attacker.publish_kernel_artifact_ready(bad_guard)).ok
+        # A reply for some other process's request: skipped quietly.
+        assert (
+            await attacker.publish_kernel_artifact_ready(L.KernelArtifactReady(request_id="elsewhere"))
+        ).ok
+        await coordinator.until(lambda: coordinator.count("replies_foreign") == 1)
+        # A second reply to an answered request: ignored.
+        assert (await attacker.publish_kernel_artifact_ready(bad_checksum)).ok
+        await coordinator.until(lambda: coordinator.count("replies_duplicate") == 1)
+
+        # seed-3: the request is lost; timeout, one retry, timeout, fallback.
+        assert (await manager.handle_command(germinate_command(keyring, "seed-3"))).applied
+        seed3 = manager.get_seed("seed-3")
+        assert seed3 is not None
+        await coordinator.until(lambda: seed3.kernel is not None, limit_s=5.0)
+
+    assert coordinator.count("verify_failed.checksum_mismatch") == 1
+    assert coordinator.count("verify_failed.guard_mismatch") == 1
+    assert coordinator.count("attached") == 0
+    for seed_id, reason in (("seed-1", "checksum_mismatch"), ("seed-2", "guard_mismatch")):
+        seed = manager.get_seed(seed_id)
+        assert seed is not None
+        assert seed.kernel_source == "fallback"
+        assert seed.used_fallback
+        assert reason in seed.fallback_reason
+        assert type(seed.kernel).__name__ != "ResidualMLP"  # BP009 never attached
+    failed = {e["seed_id"]: e["reason"] for e in events(manager, "kernel_failed")}
+    assert failed == {"seed-1": "checksum_mismatch", "seed-2": "guard_mismatch"}
+
+    assert coordinator.count("requests_sent") == 2 + 2  # seed-3: first try and one retry
+    timeouts = [e for e in events(manager, "prefetch_timeout") if e["seed_id"] == "seed-3"]
+    assert [t["attempt"] for t in timeouts] == ["1", "2"]
+    fallback = [e for e in events(manager, "fallback_applied") if e["seed_id"] == "seed-3"]
+    assert fallback == [
+        {"seed_id": "seed-3", "blueprint_id": "BP009", "fallback": "BP001", "reason": "prefetch_timeout"}
+    ]
+    assert seed3.kernel_source == "fallback"
+    assert seed3.stage == L.SEED_STAGE_TRAINING
+
+
+async def test_simic_update_on_the_bus_changes_decisions_and_forgeries_do_not(
+    make_client: Callable[..., OonaClient],
+    keyring: KeyRing,
+    tmp_path: Path,
+    redis_client: aioredis.Redis,
+) -> None:
+    registry = TamiyoPolicyRegistry(germinate_policy(), policy_dir=tmp_path / "policy")
+    controller = TamiyoController(keyring, KarnCatalog(), registry=registry)
+    # Offline history: each germination was followed by a loss regression.
+    reports = []
+    for k in range(6):
+        controller.evaluate(system_state(f"history-{k}", 1, 1.0))
+        closing = controller.evaluate(system_state(f"history-{k}", 2, 1.5))
+        assert closing.field_report is not None
+        reports.append(closing.field_report)
+    controller.drain_telemetry()
+    simic = train_policy_update(reports, controller.registry)
+    assert simic.update is not None
+
+    tamiyo = make_client("tamiyo")
+    trainer = make_client("trainer")
+    service = TamiyoService(tamiyo, controller)
+
+    async def probe(run_id: str) -> str:
+        assert (await trainer.publish_state(system_state(run_id, 1, 1.0))).ok
+        fields = await read_stream(redis_client, "oona.telemetry", decision_telemetry_for(run_id))
+        return telemetry_action(fields)
+
+    async with running(service):
+        assert await probe("probe-before") == "germinate"
+        assert (await publish_simic_update(make_client("simic"), simic)).ok
+        accepted = await read_stream(
+            redis_client,
+            "oona.telemetry",
+            lambda f: b"policy_update_accepted" in decoded(f)[1],
+        )
+        assert accepted
+        assert controller.policy_version == 1
+        assert await probe("probe-after") == "optimizer"
+
+        weights = {k: v.clone() for k, v in controller.policy.state_dict().items()}
+        # Forged 1: signed with a key Tamiyo does not hold -> Oona dead-letters it.
+        outsider = make_client("simic-forged", ring=KeyRing(b"not-the-bus-secret-0123456789abcd"))
+        forged = L.PolicyUpdate()
+        forged.CopyFrom(simic.update)
+        forged.version = 7
+        forged.tamiyo_policy_version = "7"
+        assert (await outsider.publish_policy_update(forged)).ok
+        # Forged 2: the right key but a policy of another shape.
+        wrong = TamiyoPolicy(PolicyConfig(hidden_dim=8))
+        shaped = L.PolicyUpdate(
+            version=8,
+            tamiyo_policy_version="8",
+            policy_id="tamiyo-default",
+            payload=encode_policy(wrong, 8, "tamiyo-default"),
+        )
+        shaped.issued_at.GetCurrentTime()
+        assert (await trainer.publish_policy_update(shaped)).ok
+        # Forged 3: the genuine update again (a replay of an old version).
+        assert (await trainer.publish_policy_update(simic.update)).ok
+        letters: dict[str, dict[bytes, bytes]] = {}
+        last = "0-0"
+        async with asyncio.timeout(LIMIT_S):
+            while len(letters) < 3:
+                reply = await redis_client.xread({"oona.deadletter": last}, block=500)
+                for _s, entries in reply or []:
+                    for entry_id, fields in entries:
+                        last = entry_id.decode()
+                        letters[fields[b"reason"].decode()] = fields
+        assert await probe("probe-after-forgeries") == "optimizer"
+
+    assert set(letters) == {"bad_signature", "policy_shape_mismatch", "policy_stale_version"}
+    assert all(f[b"source_stream"] == b"oona.policy" for f in letters.values())
+    assert controller.policy_version == 1
+    for key, value in controller.policy.state_dict().items():
+        assert torch.equal(value, weights[key])
+    snap = service.metrics_snapshot()
+    assert snap["tamiyo.service.policy_updates_accepted"] == 1
+    assert snap["tamiyo.service.policy_updates_rejected.shape_mismatch"] == 1
+    assert snap["tamiyo.service.policy_updates_rejected.stale_version"] == 1
+    assert tamiyo.metrics_snapshot()["rejected.oona.policy.bad_signature"] == 1
+    # Nothing left pending: rejected updates are never retried.
+    assert (await redis_client.xpending("oona.policy", "tamiyo"))["pending"] == 0
+
+
+async def test_bad_commands_over_the_bus_are_rejected_without_state_change(
+    make_client: Callable[..., OonaClient],
+    libraries: Callable[[], UrzaLibrary],
+    keyring: KeyRing,
+) -> None:
+    model = host_model("seed-1", "seed-2")
+    manager = make_manager(libraries(), model, keyring)
+    manager.set_kernel_provider(None)  # grafts go straight to the fallback: no bus kernel needed
+    training = make_client("training")
+    results: asyncio.Queue[tuple[L.AdaptationCommand, CommandResult]] = asyncio.Queue()
+    intake = KasminaCommandIntake(training, manager, on_result=lambda c, r: results.put_nowait((c, r)))
+    sender = make_client("sender")
+
+    valid = germinate_command(keyring, "seed-1")
+    tampered = germinate_command(keyring, "seed-2")
+    tampered.seed_operation.blueprint_id = "BP002"  # changed after signing
+    wrong_key = germinate_command(KeyRing(b"someone-else-0123456789abcdefghij"), "seed-2")
+    cases = [
+        ("applied", "", valid),
+        ("rejected", "nonce_replayed", valid),
+        ("rejected", "missing_signature", germinate_command(None, "seed-2")),
+        ("rejected", "invalid_signature", tampered),
+        ("rejected", "invalid_signature", wrong_key),
+        ("rejected", "stale_command", germinate_command(keyring, "seed-2", issued_at=time.time() - 600)),
+        ("rejected", "issued_in_future", germinate_command(keyring, "seed-2", issued_at=time.time() + 600)),
+    ]
+    async with running(intake):
+        await asyncio.wait_for(intake.ready.wait(), LIMIT_S)
+        for status, reason, command in cases:
+            assert (await sender.publish_command(command)).ok
+            got, result = await asyncio.wait_for(results.get(), LIMIT_S)
+            assert got.command_id == command.command_id
+            assert (result.status, result.reason) == (status, reason), command.command_id
+            if status == "rejected":
+                assert set(manager.seeds) == {"seed-1"}
+
+    assert set(manager.seeds) == {"seed-1"}
+    assert manager.accepted_commands == 1
+    assert dict(manager.rejections) == {
+        "nonce_replayed": 1,
+        "missing_signature": 1,
+        "invalid_signature": 2,
+        "stale_command": 1,
+        "issued_in_future": 1,
+    }
+    snap = intake.metrics_snapshot()
+    assert snap["kasmina.intake.total"] == len(cases)
+    assert snap["kasmina.intake.rejected.invalid_signature"] == 2
