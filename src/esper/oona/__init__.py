@@ -20,6 +20,7 @@ __all__ = [
     "Handler",
     "OonaClient",
     "OonaMessage",
+    "OonaMetrics",
     "PublishResult",
     "RejectMessage",
     "RejectReason",

@@ -64,6 +64,8 @@ class OonaClient:
         keyring: KeyRing,
         *,
         registry: CollectorRegistry | None = None,
+        metrics: OonaMetrics | None = None,
+        name: str = "",
     ) -> None:
         if not isinstance(keyring, KeyRing):
             raise TypeError("OonaClient needs a KeyRing: the bus never carries unsigned messages")
@@ -86,9 +88,14 @@ class OonaClient:
         else:
             self.redis = redis
             self._owns_redis = False
-        self.metrics = OonaMetrics(registry)
-        self.publish_breaker = self._breaker("publish")
-        self.consume_breaker = self._breaker("consume")
+        # Several clients of one process (one per role, each with its own
+        # breakers) may share one metrics object, so /metrics has one family
+        # per counter; ``name`` then tells their breakers apart.
+        self.metrics = metrics if metrics is not None else OonaMetrics(registry)
+        self.name = name
+        self._breaker_prefix = f"{name}." if name else ""
+        self.publish_breaker = self._breaker(f"{self._breaker_prefix}publish")
+        self.consume_breaker = self._breaker(f"{self._breaker_prefix}consume")
         self._depths: dict[str, tuple[float, int]] = {}
 
     @classmethod
@@ -99,6 +106,8 @@ class OonaClient:
         group: str,
         consumer_prefix: str | None = None,
         registry: CollectorRegistry | None = None,
+        metrics: OonaMetrics | None = None,
+        name: str = "",
         **overrides: Any,
     ) -> OonaClient:
         """Client for a service: REDIS_URL, stream names and secrets from settings.
@@ -112,7 +121,14 @@ class OonaClient:
         config = StreamConfig.from_settings(
             settings, group=group, consumer_prefix=consumer_prefix, **overrides
         )
-        return cls(settings.redis_url, config, KeyRing(*settings.signing_secrets()), registry=registry)
+        return cls(
+            settings.redis_url,
+            config,
+            KeyRing(*settings.signing_secrets()),
+            registry=registry,
+            metrics=metrics,
+            name=name,
+        )
 
     def _breaker(self, name: str) -> CircuitBreaker:
         c = self.config
@@ -411,12 +427,12 @@ class OonaClient:
 
     def metrics_snapshot(self) -> dict[str, float]:
         snap = self.metrics.snapshot()
-        snap["breaker.publish.state"] = float(self.publish_breaker.state)
-        snap["breaker.consume.state"] = float(self.consume_breaker.state)
+        snap[f"breaker.{self._breaker_prefix}publish.state"] = float(self.publish_breaker.state)
+        snap[f"breaker.{self._breaker_prefix}consume.state"] = float(self.consume_breaker.state)
         return snap
 
     def metrics_packet(self) -> leyline_pb2.TelemetryPacket:
         """Snapshot as a TelemetryPacket (source ``oona``), ready for ``publish_telemetry``."""
-        self.metrics.set_breaker("publish", int(self.publish_breaker.state))
-        self.metrics.set_breaker("consume", int(self.consume_breaker.state))
+        self.metrics.set_breaker(self.publish_breaker.name, int(self.publish_breaker.state))
+        self.metrics.set_breaker(self.consume_breaker.name, int(self.consume_breaker.state))
         return self.metrics.packet("oona")

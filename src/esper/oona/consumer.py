@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -41,6 +41,11 @@ if TYPE_CHECKING:
 _log = get_logger("esper.oona.consumer")
 _TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError, OSError)
 Entry = tuple[str, Mapping[bytes, bytes] | None]
+
+
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _decode_entries(raw: Any) -> list[Entry]:
@@ -81,12 +86,39 @@ class _Loop:
         self._running = False
         self._backoff_s = config.reconnect_base_ms / 1000
         self.reconnects = 0
+        #: Loop turns so far; a supervisor watchdog sees a stuck handler as no progress.
+        self.iterations = 0
+        self._read: asyncio.Future[Any] | None = None
 
     async def stop(self) -> None:
-        """Ask ``run`` to finish: the current batch completes and is acked, then ``run`` returns."""
+        """Ask ``run`` to finish: the current batch completes and is acked, then ``run`` returns.
+
+        An idle blocking read is abandoned at once, so stopping never waits
+        for the block time. (Should the server already have handed entries to
+        that read, they stay pending for this consumer and are recovered like
+        those of a crashed one: never lost.)
+        """
         self._stop.set()
+        if self._read is not None and not self._read.done():
+            self._read.cancel()
         if self._running:
             await self._done.wait()
+
+    async def _blocking_read(self, read: Callable[[], Awaitable[Any]]) -> Any:
+        """Await a blocking XREAD/XREADGROUP that ``stop()`` may abandon (then: no entries)."""
+        if self._stop.is_set():
+            return None
+        task = asyncio.ensure_future(read())
+        self._read = task
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.cancelled() and self._stop.is_set() and not _being_cancelled():
+                return None
+            task.cancel()
+            raise
+        finally:
+            self._read = None
 
     @property
     def stopping(self) -> bool:
@@ -102,6 +134,7 @@ class _Loop:
         try:
             await self._prepare()
             while not self._stop.is_set():
+                self.iterations += 1
                 await breaker.wait_ready()
                 try:
                     await self._iterate()
@@ -225,8 +258,10 @@ class GroupConsumer(_Loop):
         if time.monotonic() >= self._next_claim:
             await self._claim_stale()
             self._next_claim = time.monotonic() + self._claim_interval_s
-        raw: Any = await redis.xreadgroup(
-            self.group, self.name, {self.stream: ">"}, count=self.batch, block=self.block_ms
+        raw: Any = await self._blocking_read(
+            lambda: redis.xreadgroup(
+                self.group, self.name, {self.stream: ">"}, count=self.batch, block=self.block_ms
+            )
         )
         for _stream, entries in raw or []:
             await self._process(_decode_entries(entries))
@@ -449,8 +484,10 @@ class BroadcastConsumer(_Loop):
         self.ready.set()
 
     async def _iterate(self) -> None:
-        raw: Any = await self.client.redis.xread(
-            {self.stream: self.last_id}, count=self.batch, block=self.block_ms
+        raw: Any = await self._blocking_read(
+            lambda: self.client.redis.xread(
+                {self.stream: self.last_id}, count=self.batch, block=self.block_ms
+            )
         )
         for _stream, entries in raw or []:
             await self._process(_decode_entries(entries))

@@ -1,0 +1,129 @@
+"""Start-up checks, all run and all reported together.
+
+An operator fixing a broken deployment should see every problem at once:
+a missing secret, an unreachable Redis, an unusable catalogue database and an
+unwritable artifact directory are collected into one ``PreflightError``.
+Messages name settings and hosts, never secrets or URL passwords.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import SQLAlchemyError
+
+from esper.core.errors import ConfigError
+from esper.core.redis_server import RedisServerError, find_server_binary
+from esper.core.settings import EsperSettings
+from esper.urza import normalize_database_url
+
+
+class PreflightError(Exception):
+    """One or more start-up checks failed; ``problems`` lists each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("preflight failed:\n  - " + "\n  - ".join(problems))
+
+
+@dataclass
+class PreflightReport:
+    passed: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def raise_if_failed(self) -> None:
+        if self.problems:
+            raise PreflightError(self.problems)
+
+
+def redact_url(url: str) -> str:
+    """``scheme://user:***@host:port/path``: safe to print."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit((parts.scheme, user + netloc, parts.path, parts.query, parts.fragment))
+
+
+async def check_redis(url: str, timeout_s: float = 3.0) -> str | None:
+    """``None`` when the server answers PING, else why not."""
+    client = aioredis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+    try:
+        await asyncio.wait_for(client.ping(), timeout_s)
+    except (OSError, TimeoutError, aioredis.RedisError) as exc:
+        return f"Redis at {redact_url(url)} is unreachable ({type(exc).__name__})"
+    finally:
+        await client.aclose()
+    return None
+
+
+def check_catalog(database_url: str) -> str | None:
+    """``None`` when the catalogue database accepts a connection (a SQLite file may be created)."""
+    url = normalize_database_url(database_url)
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///"))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return f"URZA_DATABASE_URL: cannot create {path.parent} ({exc.strerror})"
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except SQLAlchemyError as exc:
+        where = redact_url(database_url)
+        return f"URZA_DATABASE_URL: catalogue at {where} is unreachable ({type(exc).__name__})"
+    finally:
+        engine.dispose()
+    return None
+
+
+def check_writable(directory: Path, setting: str) -> str | None:
+    """``None`` when a file can be created, synced and removed in ``directory``."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".preflight-") as probe:
+            probe.write(b"ok")
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as exc:
+        return f"{setting}: {directory} is not writable ({exc.strerror or type(exc).__name__})"
+    return None
+
+
+async def run_preflight(settings: EsperSettings, *, check_bus: bool = True) -> PreflightReport:
+    """Run every check; ``check_bus`` is false when the embedded server is not started yet."""
+    report = PreflightReport()
+
+    def record(name: str, problem: str | None) -> None:
+        if problem is None:
+            report.passed.append(name)
+        else:
+            report.problems.append(problem)
+
+    try:
+        settings.signing_secrets()
+        record("secret", None)
+    except ConfigError as exc:
+        report.problems.extend(exc.problems)
+    if settings.redis_url is None:
+        try:
+            find_server_binary()
+            record("embedded redis binary", None)
+        except RedisServerError as exc:
+            record("embedded redis binary", str(exc))
+        record("var dir", check_writable(settings.var_dir, "ESPER_VAR_DIR"))
+    elif check_bus:
+        record("redis", await check_redis(settings.redis_url))
+    record("catalog", await asyncio.to_thread(check_catalog, settings.urza_database_url))
+    artifact_dir = settings.urza_artifact_dir
+    record("artifact dir", await asyncio.to_thread(check_writable, artifact_dir, "URZA_ARTIFACT_DIR"))
+    return report
