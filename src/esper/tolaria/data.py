@@ -41,7 +41,11 @@ def load_digits_splits(
     n_val = max(1, int(len(order) * validation_fraction))
     val_idx, train_idx = order[:n_val], order[n_val:]
     mean = features[train_idx].mean(dim=0)
-    std = features[train_idx].std(dim=0).clamp_min(1e-6)
+    std = features[train_idx].std(dim=0)
+    # A pixel that never varies in the training split keeps its raw scale (as
+    # scikit-learn's StandardScaler does) instead of being divided by ~0, which
+    # would turn any held-out non-zero value into an enormous input.
+    std = torch.where(std < 1e-6, torch.ones_like(std), std)
     features = (features - mean) / std
     train = TensorDataset(features[train_idx], labels[train_idx])
     validation = TensorDataset(features[val_idx], labels[val_idx])
