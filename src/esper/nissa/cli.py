@@ -23,6 +23,8 @@ import signal
 import sys
 from collections.abc import Mapping, Sequence
 
+from redis.exceptions import RedisError
+
 from esper.core import ConfigError, EsperSettings, configure_logging, get_logger, load_settings
 from esper.core.cli import run_main
 from esper.nissa.service import DEFAULT_HTTP_HOST, DEFAULT_HTTP_PORT, NISSA_GROUP, NissaService
@@ -80,6 +82,9 @@ async def serve(settings: EsperSettings, host: str, port: int) -> int:
     try:
         service = NissaService(client, http_host=host, http_port=port)
         await service.run(stopping)
+    except (RedisError, OSError) as exc:  # Redis unreachable at start, or the HTTP port is taken
+        _log.error("nissa failed to start", error=f"{type(exc).__name__}: {exc}")
+        return 1
     finally:
         for signum in signals:
             loop.remove_signal_handler(signum)
