@@ -12,6 +12,7 @@ from esper.oona.client import OonaClient
 from esper.oona.config import StreamConfig
 from esper.oona.consumer import BroadcastConsumer, GroupConsumer
 from esper.oona.messages import Handler, OonaMessage, PublishResult, RejectMessage, RejectReason
+from esper.oona.metrics import OonaMetrics
 
 __all__ = [
     "BroadcastConsumer",
