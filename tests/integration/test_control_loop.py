@@ -194,10 +194,10 @@ async def test_tamiyo_service_command_reaches_kasmina_over_the_bus(
         assert parsed.outcome == L.FIELD_REPORT_OUTCOME_SUCCESS
 
     snap = service.metrics_snapshot()
-    assert snap["tamiyo.service.states_evaluated"] == 2
-    assert snap["tamiyo.service.commands_published"] == 1
-    assert snap["tamiyo.service.field_reports_published"] == 1
-    assert snap["tamiyo.service.telemetry_published"] == 2
+    assert snap["states_evaluated"] == 2
+    assert snap["commands_published"] == 1
+    assert snap["field_reports_published"] == 1
+    assert snap["telemetry_published"] == 2
     assert intake.count("applied") == 1
     assert manager.accepted_commands == 1
     assert results.empty()
@@ -361,9 +361,9 @@ async def test_simic_update_on_the_bus_changes_decisions_and_forgeries_do_not(
     for key, value in controller.policy.state_dict().items():
         assert torch.equal(value, weights[key])
     snap = service.metrics_snapshot()
-    assert snap["tamiyo.service.policy_updates_accepted"] == 1
-    assert snap["tamiyo.service.policy_updates_rejected.shape_mismatch"] == 1
-    assert snap["tamiyo.service.policy_updates_rejected.stale_version"] == 1
+    assert snap["policy_updates_accepted"] == 1
+    assert snap["policy_updates_rejected.shape_mismatch"] == 1
+    assert snap["policy_updates_rejected.stale_version"] == 1
     assert tamiyo.metrics_snapshot()["rejected.oona.policy.bad_signature"] == 1
     # Nothing left pending: rejected updates are never retried.
     assert (await redis_client.xpending("oona.policy", "tamiyo"))["pending"] == 0

@@ -130,6 +130,8 @@ class KasminaPrefetchCoordinator:
         self._running = False
         #: Set while both reply readers are positioned: requests sent from now on get their replies.
         self.ready = asyncio.Event()
+        #: Expiry ticks so far: a watchdog's sign of progress.
+        self.iterations = 0
         self._ready_reader: BroadcastConsumer | None = None
         self._error_reader: BroadcastConsumer | None = None
         if install:
@@ -297,6 +299,7 @@ class KasminaPrefetchCoordinator:
 
     async def tick(self) -> int:
         """One expiry pass: ``manager.expire_pending()`` plus forgetting abandoned ids."""
+        self.iterations += 1
         expired = await self.manager.expire_pending()
         if expired:
             self._counts["expired"] += expired

@@ -221,12 +221,24 @@ class TamiyoService:
         if self._running:
             await self._done.wait()
 
+    @property
+    def consumers(self) -> tuple[GroupConsumer, GroupConsumer]:
+        """The state and policy consumers (their ``iterations`` show progress to a watchdog)."""
+        return (self.state_consumer, self.policy_consumer)
+
     # ------------------------------------------------------------------ metrics
     def metrics_snapshot(self) -> dict[str, float]:
-        """Counters under ``tamiyo.service.`` plus the policy version in force."""
-        snap = {f"tamiyo.service.{k}": float(v) for k, v in self._counts.items()}
-        snap["tamiyo.service.unpublished"] = float(len(self._unpublished))
-        snap["tamiyo.service.policy_version"] = float(self.controller.policy_version)
+        """Counters by bare name (the caller adds a prefix such as ``tamiyo.service.``).
+
+        ``states_evaluated``, ``commands_published``, ``field_reports_published``,
+        ``telemetry_published``, ``policy_updates_accepted``,
+        ``policy_updates_rejected.<reason>``, ``<what>_publish_failed.<reason>``,
+        ``states_republished``, ``evaluate_failed``; plus ``unpublished`` and
+        ``policy_version``.
+        """
+        snap = {k: float(v) for k, v in self._counts.items()}
+        snap["unpublished"] = float(len(self._unpublished))
+        snap["policy_version"] = float(self.controller.policy_version)
         return snap
 
     def count(self, name: str) -> int:
