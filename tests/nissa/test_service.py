@@ -18,7 +18,6 @@ import redis.asyncio as aioredis
 from esper.core import TelemetryMetric, build_telemetry_packet
 from esper.leyline import leyline_pb2
 from esper.nissa import NISSA_GROUP, NissaService
-from esper.nissa.cli import http_address
 from esper.oona import OonaClient, StreamConfig
 from esper.security import KeyRing
 
@@ -217,17 +216,6 @@ async def test_alert_fires_after_for_count_and_clears(nissa: Running) -> None:
     await latency(10)
     await nissa.seen.wait_for(4)
     assert json.loads((await http_get(nissa.service.port, "/alerts"))[1]) == []
-
-
-def test_http_address_from_env() -> None:
-    assert http_address({}) == ("127.0.0.1", 9100)
-    assert http_address({"NISSA_HTTP_HOST": "0.0.0.0", "NISSA_HTTP_PORT": "9200"}) == ("0.0.0.0", 9200)
-    from esper.core import ConfigError
-
-    with pytest.raises(ConfigError, match="NISSA_HTTP_PORT"):
-        http_address({"NISSA_HTTP_PORT": "nine"})
-    with pytest.raises(ConfigError, match="NISSA_HTTP_PORT"):
-        http_address({"NISSA_HTTP_PORT": "70000"})
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

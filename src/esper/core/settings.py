@@ -107,6 +107,8 @@ class EsperSettings(BaseSettings):
     weatherlight_http_port: int = Field(
         default=9101, ge=0, le=65535, validation_alias=_env("WEATHERLIGHT_HTTP_PORT")
     )
+    nissa_http_host: str = Field(default="127.0.0.1", validation_alias=_env("NISSA_HTTP_HOST"))
+    nissa_http_port: int = Field(default=9100, ge=0, le=65535, validation_alias=_env("NISSA_HTTP_PORT"))
     weatherlight_shutdown_timeout_s: float = Field(
         default=10.0, gt=0, validation_alias=_env("WEATHERLIGHT_SHUTDOWN_TIMEOUT_S")
     )

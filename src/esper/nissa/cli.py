@@ -21,7 +21,7 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from redis.exceptions import RedisError
 
@@ -30,31 +30,7 @@ from esper.core.cli import run_main
 from esper.nissa.service import DEFAULT_HTTP_HOST, DEFAULT_HTTP_PORT, NISSA_GROUP, NissaService
 from esper.oona import OonaClient
 
-HOST_ENV = "NISSA_HTTP_HOST"
-PORT_ENV = "NISSA_HTTP_PORT"
 _log = get_logger("esper.nissa.cli")
-
-
-def http_address(environ: Mapping[str, str] | None = None) -> tuple[str, int]:
-    """``(host, port)`` from ``NISSA_HTTP_HOST``/``NISSA_HTTP_PORT``; ``ConfigError`` when invalid."""
-    env = os.environ if environ is None else environ
-    problems: list[str] = []
-    host = env.get(HOST_ENV, "").strip() or DEFAULT_HTTP_HOST
-    if any(c.isspace() for c in host):
-        problems.append(f"{HOST_ENV}: must be a host name or address without spaces")
-    raw_port = env.get(PORT_ENV, "").strip()
-    port = DEFAULT_HTTP_PORT
-    if raw_port:
-        try:
-            port = int(raw_port)
-        except ValueError:
-            problems.append(f"{PORT_ENV}: must be an integer between 0 and 65535")
-        else:
-            if not 0 <= port <= 65535:
-                problems.append(f"{PORT_ENV}: must be an integer between 0 and 65535")
-    if problems:
-        raise ConfigError(problems)
-    return host, port
 
 
 def build_client(settings: EsperSettings) -> OonaClient:
@@ -99,29 +75,18 @@ def nissa_main(argv: Sequence[str] | None = None) -> int:
         description=(
             "Consume oona.telemetry, oona.normal and oona.emergency (group 'nissa') into "
             "Prometheus series and alerts; serve /metrics, /healthz, /alerts, /livez, /readyz. "
-            f"Needs REDIS_URL and ESPER_LEYLINE_SECRET; listens on {HOST_ENV}:{PORT_ENV} "
+            "Needs REDIS_URL and ESPER_LEYLINE_SECRET; listens on NISSA_HTTP_HOST:NISSA_HTTP_PORT "
             f"(default {DEFAULT_HTTP_HOST}:{DEFAULT_HTTP_PORT}). Exits 2 on invalid configuration."
         ),
     )
     parser.parse_args(argv)
 
     def body() -> int:
-        problems: list[str] = []
-        settings: EsperSettings | None = None
-        try:
-            settings = load_settings(require_secret=True)
-        except ConfigError as exc:
-            problems.extend(exc.problems)
-        try:
-            host, port = http_address()
-        except ConfigError as exc:
-            problems.extend(exc.problems)
-        if settings is not None and not settings.redis_url:
-            problems.append("REDIS_URL is not set; Nissa joins a running platform's Redis")
-        if problems or settings is None:
-            raise ConfigError(problems)
+        settings = load_settings(require_secret=True)
+        if not settings.redis_url:
+            raise ConfigError(["REDIS_URL is not set; Nissa joins a running platform's Redis"])
         configure_logging(settings.log_level, settings.log_format)
-        return asyncio.run(serve(settings, host, port))
+        return asyncio.run(serve(settings, settings.nissa_http_host, settings.nissa_http_port))
 
     return run_main(body)
 
