@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol, runtime_checkable
 
 from esper.leyline import leyline_pb2
+from esper.urza import UrzaLibrary
 
 
 @runtime_checkable
@@ -95,3 +96,20 @@ class CachedBlueprintMetadata:
                 self._entries.clear()
             else:
                 self._entries.pop(blueprint_id, None)
+
+
+class UrzaBlueprintMetadata:
+    """Descriptors of the kernels actually in the Urza catalogue.
+
+    Tamiyo should only propose blueprints that can be grafted, so a blueprint
+    Urza does not hold is "unknown" here even when Karn defines it.
+    """
+
+    def __init__(self, library: UrzaLibrary) -> None:
+        self._library = library
+
+    def get(self, blueprint_id: str) -> leyline_pb2.BlueprintDescriptor:
+        record = self._library.get(blueprint_id)
+        if record is None:
+            raise KeyError(blueprint_id)
+        return record.descriptor

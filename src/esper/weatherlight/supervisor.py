@@ -377,6 +377,7 @@ class Supervisor:
                     self._abandon(task)
             elif w.status is not WorkerStatus.FAILED:
                 w.status = WorkerStatus.STOPPED
+            self.log.debug("worker stopped", worker=name, after_s=round(time.monotonic() - began, 3))
         deadline_hit = time.monotonic() >= deadline
         result = ShutdownResult(
             clean=not stragglers and not deadline_hit,

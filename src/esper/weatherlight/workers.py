@@ -41,14 +41,20 @@ async def run_components(
     """
     async with asyncio.TaskGroup() as group:
         tasks = [group.create_task(c.run()) for c in components]
+        stopping = group.create_task(ctx.stopping.wait())
         ctx.mark_ready()
         last = [p.iterations for p in progress]
         while True:
             done, _ = await asyncio.wait(
-                tasks, timeout=heartbeat_every_s, return_when=asyncio.FIRST_COMPLETED
+                [*tasks, stopping], timeout=heartbeat_every_s, return_when=asyncio.FIRST_COMPLETED
             )
+            if stopping in done:
+                for component in components:
+                    await component.stop()
+                return
             if done:
                 # A component ended on its own: surface its error (if any) to the supervisor.
+                stopping.cancel()
                 for task in done:
                     task.result()
                 raise RuntimeError("a component returned while it should be running")
@@ -56,10 +62,6 @@ async def run_components(
             if not progress or now != last:
                 ctx.heartbeat()
             last = now
-            if ctx.stopping.is_set():
-                for component in components:
-                    await component.stop()
-                return
 
 
 async def run_periodically(

@@ -1,0 +1,123 @@
+"""``esper-weatherlight-service``: boot, supervise and drain the control plane.
+
+Exit status: 0 after a clean shutdown; 1 when a required worker failed, boot
+failed, or the shutdown deadline was hit; 2 for invalid configuration or a
+failed preflight (every problem is listed, secrets never are); 130 when a
+second signal forced an immediate exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from esper import __version__
+from esper.core.cli import EXIT_CONFIG, run_main
+from esper.core.logs import configure_logging, get_logger
+from esper.core.settings import EsperSettings, load_settings
+from esper.weatherlight.preflight import PreflightError, run_preflight
+from esper.weatherlight.service import WeatherlightService
+
+_log = get_logger("esper.weatherlight.cli")
+EXIT_FORCED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="esper-weatherlight-service",
+        description=(
+            "Run the Esper-Lite control plane: the Oona bus (a private Redis-protocol server under "
+            "ESPER_VAR_DIR when REDIS_URL is unset), the Urza kernel library and prefetch worker, "
+            "Kasmina's kernel warmer, Tamiyo, telemetry and housekeeping, with health probes on "
+            "WEATHERLIGHT_HTTP_HOST:WEATHERLIGHT_HTTP_PORT (/livez, /readyz, /metrics, /status). "
+            "Configuration comes from the environment and .env; ESPER_LEYLINE_SECRET is required."
+        ),
+        epilog=(
+            "Exit status: 0 clean shutdown; 1 worker failure, boot failure or shutdown deadline hit; "
+            "2 invalid configuration or failed preflight; 130 forced by a second signal."
+        ),
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="validate configuration and run preflight, then exit"
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+async def _preflight(settings: EsperSettings) -> None:
+    report = await run_preflight(settings, check_bus=settings.redis_url is not None)
+    report.raise_if_failed()
+    _log.info("preflight passed", checks=report.passed)
+
+
+async def serve(settings: EsperSettings) -> int:
+    """Run the service until a signal (or a failure); return the exit status."""
+    await _preflight(settings)
+    service = WeatherlightService(settings)
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    stop_requested = False
+
+    def on_signal(signum: int) -> None:
+        nonlocal stop_requested
+        name = signal.Signals(signum).name
+        if stop_requested:
+            _log.warning("second signal: exiting at once", signal=name)
+            pid = service.embedded.pid if service.embedded is not None else None
+            if pid is not None:
+                os.kill(pid, signal.SIGTERM)  # do not leave the private server behind
+            os._exit(EXIT_FORCED)
+        stop_requested = True
+        _log.info("signal received: shutting down", signal=name)
+        service.request_stop(name)
+
+    for signum in signals:
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        result = await service.run()
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+    if result.boot_error is not None and stop_requested and result.clean:
+        _log.info("stopped during boot")
+        return 0
+    if result.deadline_hit:
+        _log.error("shutdown deadline hit; abandoned workers", stragglers=list(result.stragglers))
+    elif result.boot_error is not None:
+        _log.error("boot failed", reason=result.boot_error)
+    elif result.failed_required:
+        _log.error("required worker failed", workers=list(result.failed_required))
+    else:
+        _log.info("stopped cleanly", elapsed_s=round(result.elapsed_s, 3))
+    return result.exit_code
+
+
+async def check(settings: EsperSettings) -> int:
+    await _preflight(settings)
+    where = "external Redis" if settings.redis_url else f"embedded Redis under {settings.var_dir}"
+    print(f"esper-weatherlight-service: configuration and preflight OK ({where})")
+    return 0
+
+
+def service_main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def body() -> int:
+        settings = load_settings(require_secret=True)
+        configure_logging(settings.log_level, settings.log_format)
+        _log.info("settings", **settings.masked())
+        try:
+            return asyncio.run(check(settings) if args.check else serve(settings))
+        except PreflightError as exc:
+            print(f"esper-weatherlight-service: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+
+    return run_main(body)
+
+
+def main() -> None:
+    sys.exit(service_main())
