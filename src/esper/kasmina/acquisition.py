@@ -30,6 +30,24 @@ class KernelAcquisition(SeedManagerCore):
         self._expire(now, can_send=False)
 
     # ------------------------------------------------------- kernel acquisition
+    def _slot_for(self, seed_id: str) -> str:
+        """The slot a seed grafts into when the command names none.
+
+        A seed id that names a slot (or a seed that already had one) keeps it.
+        Otherwise the seed takes the first free slot in registration order, so
+        a controller that only numbers its seeds (``seed-1``, ``seed-2``, ...)
+        can grow any model without knowing its layer names.
+        """
+        if self._host is None or seed_id in self._slots:
+            return seed_id
+        existing = self._seeds.get(seed_id)
+        if existing is not None and existing.slot_name:
+            return existing.slot_name
+        for name in self._slots:
+            if not self._resolve_slot(name, seed_id):
+                return name
+        return seed_id
+
     def _resolve_slot(self, ctx_slot: str, seed_id: str) -> str:
         """A rejection reason when the slot cannot take a new seed, else ''."""
         if self._host is None:
@@ -63,14 +81,15 @@ class KernelAcquisition(SeedManagerCore):
     ) -> str:
         """Graft ``blueprint_id`` into a seed; returns '' or the rejection reason (also reported)."""
         self._housekeeping(self._clock())
-        reason = self._check_germinate(seed_id, blueprint_id, slot or seed_id, parameters or {})
+        slot = slot or self._slot_for(seed_id)
+        reason = self._check_germinate(seed_id, blueprint_id, slot, parameters or {})
         if reason:
             self.record_rejection(reason, command_id, seed_id=seed_id, blueprint_id=blueprint_id)
             return reason
         ctx = self._seeds.get(seed_id) or self._new_context(seed_id)
         self._seeds[seed_id] = ctx
         ctx.blueprint_id = blueprint_id
-        ctx.slot_name = slot or seed_id
+        ctx.slot_name = slot
         ctx.parameters = dict(parameters or {})
         ctx.training_run_id = training_run_id or self.training_run_id or "prototype"
         ctx.germinated_epoch = self._epoch
