@@ -54,6 +54,8 @@ class PolicyConfig:
     feature_dim: int = FEATURE_DIM
     #: Seed for the deterministic weight initialisation.
     seed: int = 0
+    #: Initial action preference of an untrained policy (see ``TamiyoPolicy._init_weights``).
+    growth_prior: bool = True
 
     def __post_init__(self) -> None:
         if self.hidden_dim < 1 or self.feature_dim < 1:
@@ -99,6 +101,15 @@ class TamiyoPolicy(nn.Module):
         self.eval()
 
     def _init_weights(self, seed: int) -> None:
+        """Seeded uniform init, then (by default) a growth prior on the action head.
+
+        An untrained network's argmax is arbitrary (with seed 0 it always picks
+        PAUSE, i.e. it never grows anything). The prior shrinks the random
+        action weights and sets the biases so that an untrained policy prefers
+        GERMINATE, then NO_OP, and never PAUSE; the controller still defers a
+        graft while another is in progress and applies every risk rule. Simic
+        updates replace all of it with learned weights.
+        """
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for module in self.modules():
@@ -106,6 +117,13 @@ class TamiyoPolicy(nn.Module):
                     bound = 1.0 / math.sqrt(module.in_features)
                     module.weight.uniform_(-bound, bound, generator=generator)
                     module.bias.uniform_(-bound, bound, generator=generator)
+            if self.config.growth_prior:
+                self.action_head.weight.mul_(0.1)
+                prior = torch.zeros(len(PolicyAction))
+                prior[PolicyAction.GERMINATE] = 1.0
+                prior[PolicyAction.NO_OP] = 0.5
+                prior[PolicyAction.PAUSE] = -1.0
+                self.action_head.bias.copy_(prior)
 
     @property
     def blueprint_candidates(self) -> tuple[str, ...]:

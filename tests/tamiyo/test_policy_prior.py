@@ -1,0 +1,29 @@
+"""An untrained policy has a documented growth prior instead of an arbitrary argmax."""
+
+from __future__ import annotations
+
+import torch
+
+from esper.leyline import leyline_pb2 as pb
+from esper.tamiyo import PolicyAction, PolicyConfig, TamiyoPolicy, extract_features
+
+
+def _state(epoch: int, loss: float) -> pb.SystemStatePacket:
+    return pb.SystemStatePacket(
+        current_epoch=epoch, validation_loss=loss, validation_accuracy=1 - loss, training_loss=loss
+    )
+
+
+def test_untrained_policy_prefers_growth_and_never_pauses() -> None:
+    policy = TamiyoPolicy()
+    for epoch, loss in [(1, 0.9), (3, 0.4), (10, 0.1), (50, 2.0)]:
+        output = policy.decide(extract_features(_state(epoch, loss), 0.0))
+        assert output.action is PolicyAction.GERMINATE
+
+
+def test_prior_can_be_disabled_for_plain_initialisation() -> None:
+    plain = TamiyoPolicy(PolicyConfig(growth_prior=False))
+    grown = TamiyoPolicy()
+    assert not torch.equal(plain.action_head.bias, grown.action_head.bias)
+    assert torch.equal(plain.encoder[0].weight, grown.encoder[0].weight)
+    assert set(plain.state_dict()) == set(grown.state_dict())
