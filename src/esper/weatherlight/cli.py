@@ -24,6 +24,13 @@ from esper.weatherlight.service import WeatherlightService
 
 _log = get_logger("esper.weatherlight.cli")
 EXIT_FORCED = 130
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: Signals that arrived before the event loop's handlers were installed (during preflight).
+_early_signals: list[int] = []
+
+
+def _remember_signal(signum: int, _frame: object) -> None:
+    _early_signals.append(signum)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +66,7 @@ async def serve(settings: EsperSettings) -> int:
     await _preflight(settings)
     service = WeatherlightService(settings)
     loop = asyncio.get_running_loop()
-    signals = (signal.SIGINT, signal.SIGTERM)
+    signals = _SIGNALS
     stop_requested = False
 
     def on_signal(signum: int) -> None:
@@ -77,6 +84,8 @@ async def serve(settings: EsperSettings) -> int:
 
     for signum in signals:
         loop.add_signal_handler(signum, on_signal, signum)
+    while _early_signals:  # a signal during preflight stops the boot before it starts
+        on_signal(_early_signals.pop(0))
     try:
         result = await service.run()
     finally:
@@ -107,7 +116,11 @@ def service_main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        settings = load_settings(require_secret=True)
+        if not args.check:  # until the loop's handlers exist, remember signals instead of dying
+            for signum in _SIGNALS:
+                signal.signal(signum, _remember_signal)
+        # The secret is checked by preflight, so a missing secret is listed with every other problem.
+        settings = load_settings()
         configure_logging(settings.log_level, settings.log_format)
         _log.info("settings", **settings.masked())
         try:

@@ -1,0 +1,588 @@
+"""The composed Weatherlight service in-process, against a real Redis-protocol server and SQLite.
+
+Nothing here is mocked: the service boots its real workers (Oona groups, the
+Urza library and prefetch worker, Kasmina's warmer, Tamiyo, the emergency
+consumer, telemetry, housekeeping) and serves its real HTTP probes on an
+ephemeral port. Faults are injected only by subclassing the service and
+adding or wrapping a ``WorkerSpec``: a worker that crashes, one that hangs,
+one that ignores cancellation, one that fails for good. Waits are bounded:
+events where the test owns the worker, otherwise short polls of the probes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from prometheus_client.parser import text_string_to_metric_families
+
+from esper.core.redis_server import RedisServer
+from esper.core.settings import EsperSettings
+from esper.leyline import leyline_pb2 as L
+from esper.oona import OonaClient, StreamConfig
+from esper.oona.envelope import signed_fields
+from esper.security import KeyRing
+from esper.weatherlight.service import WeatherlightService
+from esper.weatherlight.supervisor import BackoffPolicy, ShutdownResult, WorkerContext, WorkerSpec
+
+SECRET = "test-secret-for-esper-lite-0123456789"
+LIMIT_S = 10.0
+#: The documented boot order with an external Redis (platform spec §7; service.py docstring).
+BOOT_ORDER = [
+    "http",
+    "oona_groups",
+    "urza_library",
+    "urza_prefetch",
+    "kasmina",
+    "tamiyo",
+    "emergency",
+    "telemetry",
+    "housekeeping",
+]
+ONE_SHOT = {"oona_groups", "urza_library"}
+REQUESTS = "oona.kernels.requests"
+
+
+@pytest.fixture(autouse=True)
+def _isolated(isolated_env: Path) -> None:
+    """No ESPER_* variables or .env from the caller leak into the settings under test."""
+
+
+def make_settings(tmp_path: Path, redis_url: str, **overrides: Any) -> EsperSettings:
+    values: dict[str, Any] = {
+        "redis_url": redis_url,
+        "urza_database_url": f"sqlite:///{tmp_path}/c.db",
+        "urza_artifact_dir": tmp_path / "artifacts",
+        "var_dir": tmp_path / "var",
+        "weatherlight_http_port": 0,
+        "weatherlight_telemetry_interval_s": 0.2,
+        "leyline_secret": SECRET,
+    }
+    values.update(overrides)
+    return EsperSettings(**values)
+
+
+async def http_get(port: int, path: str) -> tuple[int, str]:
+    """One GET against the service's probe server: (status, body)."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5.0)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), 5.0)
+    finally:
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except OSError:
+            pass  # the server closed first; nothing left to flush
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body.decode()
+
+
+async def status_of(service: WeatherlightService) -> dict[str, Any]:
+    code, body = await http_get(service.http.port, "/status")
+    assert code == 200
+    data: dict[str, Any] = json.loads(body)
+    return data
+
+
+def worker_view(status: dict[str, Any], name: str) -> dict[str, Any]:
+    found: dict[str, Any] = next(w for w in status["workers"] if w["name"] == name)
+    return found
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[bool]], what: str, limit_s: float = LIMIT_S, every_s: float = 0.02
+) -> None:
+    """Poll ``probe`` (a real condition, e.g. an HTTP probe) until true, at most ``limit_s``."""
+    deadline = time.monotonic() + limit_s
+    while not await probe():
+        assert time.monotonic() < deadline, f"timed out after {limit_s}s waiting for {what}"
+        await asyncio.sleep(every_s)
+
+
+@asynccontextmanager
+async def serving(service: WeatherlightService) -> AsyncIterator[WeatherlightService]:
+    """Boot the service; stop it afterwards unless the test already did."""
+    await asyncio.wait_for(service.start(), 30.0)
+    try:
+        yield service
+    finally:
+        if service.supervisor.result is None:
+            await service.stop()
+
+
+def metric(prom_text: str, name: str, **labels: str) -> float:
+    """One sample's value from Prometheus text (0.0 when absent)."""
+    for family in text_string_to_metric_families(prom_text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+def weatherlight_packets(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[L.TelemetryPacket]:
+    packets = []
+    for _eid, fields in entries:
+        envelope = L.BusEnvelope()
+        envelope.ParseFromString(fields[b"payload"])
+        if envelope.message_type != L.BUS_MESSAGE_TYPE_TELEMETRY:
+            continue
+        packet = L.TelemetryPacket()
+        packet.ParseFromString(envelope.payload)
+        if packet.source_subsystem == "weatherlight":
+            packets.append(packet)
+    return packets
+
+
+async def read_new(
+    redis: aioredis.Redis, stream: str, last: str, block_ms: int = 500
+) -> tuple[str, list[tuple[bytes, dict[bytes, bytes]]]]:
+    """Blocking XREAD after ``last``: (new last id, entries)."""
+    reply = await redis.xread({stream: last}, block=block_ms)
+    entries: list[tuple[bytes, dict[bytes, bytes]]] = []
+    for _stream, items in reply or []:
+        for entry_id, fields in items:
+            entries.append((entry_id, fields))
+            last = entry_id.decode()
+    return last, entries
+
+
+async def reply_ids(redis: aioredis.Redis) -> list[str]:
+    """The request ids of every kernel reply (ready and error) on the bus so far."""
+    ids = []
+    for stream, kind in (
+        ("oona.kernels.ready", L.KernelArtifactReady),
+        ("oona.kernels.errors", L.KernelArtifactError),
+    ):
+        for _eid, fields in await redis.xrange(stream):
+            envelope = L.BusEnvelope()
+            envelope.ParseFromString(fields[b"payload"])
+            message = kind()
+            message.ParseFromString(envelope.payload)
+            ids.append(message.request_id)
+    return ids
+
+
+def prefetch_entry(keyring: KeyRing, request_id: str, *, issued_at_ms: int) -> dict[bytes, bytes]:
+    """A correctly signed KernelPrefetchRequest entry with a chosen ``issued_at_ms``."""
+    request = L.KernelPrefetchRequest(request_id=request_id, blueprint_id="BP404", training_run_id="run-x")
+    envelope = L.BusEnvelope(
+        message_type=L.BUS_MESSAGE_TYPE_KERNEL_PREFETCH_REQUEST, payload=request.SerializeToString()
+    )
+    envelope.attributes.update(
+        {"issued_at_ms": str(issued_at_ms), "nonce": uuid.uuid4().hex, "source": "test-trainer"}
+    )
+    return signed_fields(keyring, envelope.SerializeToString(deterministic=True))
+
+
+# ------------------------------------------------------------------- boot and stop
+
+
+class RecordingService(WeatherlightService):
+    """The real service; each worker's first attempt records which workers were up at that moment."""
+
+    def __init__(self, settings: EsperSettings, **kwargs: Any) -> None:
+        super().__init__(settings, **kwargs)
+        self.boot_log: list[tuple[str, list[str]]] = []
+
+    def specs(self) -> list[WorkerSpec]:
+        return [replace(spec, factory=self._recorded(spec)) for spec in super().specs()]
+
+    def _recorded(self, spec: WorkerSpec) -> Callable[[WorkerContext], Awaitable[None]]:
+        async def body(ctx: WorkerContext) -> None:
+            if all(name != spec.name for name, _ in self.boot_log):
+                up = [
+                    w["name"]
+                    for w in self.supervisor.snapshot()["workers"]
+                    if w["status"] in ("running", "stopped") and w["name"] != spec.name
+                ]
+                self.boot_log.append((spec.name, up))
+            await spec.factory(ctx)
+
+        return body
+
+
+async def test_boots_in_documented_order_serves_probes_and_stops_cleanly(
+    tmp_path: Path, redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    service = RecordingService(make_settings(tmp_path, redis_url))
+    started = time.monotonic()
+    async with serving(service):
+        boot_s = time.monotonic() - started
+        # Each step started only after every earlier step was up (gated, sequential boot).
+        assert [name for name, _ in service.boot_log] == BOOT_ORDER
+        for index, (name, up) in enumerate(service.boot_log):
+            assert up == BOOT_ORDER[:index], f"{name} started while only {up} were up"
+
+        port = service.http.port
+        assert port != 0
+        assert (await http_get(port, "/livez"))[0] == 200
+        code, body = await http_get(port, "/readyz?verbose")
+        assert code == 200, body
+        for check in ("workers", "redis", "catalog"):
+            assert f"[+]{check} ok" in body
+
+        status = await status_of(service)
+        assert [w["name"] for w in status["workers"]] == BOOT_ORDER
+        for w in status["workers"]:
+            assert w["status"] == ("stopped" if w["name"] in ONE_SHOT else "running"), w
+            assert w["restarts"] == 0
+        assert status["ready"] is True and status["healthy"] is True
+        assert status["redis"] == "external"
+
+        # The groups step really created the consumer groups on the real server.
+        groups = {g["name"].decode() for g in await redis_client.xinfo_groups(REQUESTS)}
+        assert {"weatherlight", "kasmina", "tamiyo"} <= groups
+        # The Urza library step really opened the SQLite catalogue.
+        assert (tmp_path / "c.db").exists()
+
+        # Telemetry flows on the telemetry stream with the documented metrics.
+        last, packets = "0-0", []
+        async with asyncio.timeout(LIMIT_S):
+            while not packets:
+                last, entries = await read_new(redis_client, "oona.telemetry", last)
+                packets = weatherlight_packets(entries)
+        packet = packets[0]
+        names = {m.name for m in packet.metrics}
+        for required in (
+            "weatherlight.task_count",
+            "weatherlight.open_breakers",
+            "weatherlight.backoff_seconds",
+            "weatherlight.uptime_s",
+            "weatherlight.worker.urza_prefetch.running",
+        ):
+            assert required in names
+        assert packet.system_health.status == L.HEALTH_STATUS_HEALTHY
+
+        code, prom = await http_get(port, "/metrics")
+        assert code == 200 and "oona_published_total" in prom
+
+        stop_began = time.monotonic()
+        result = await service.stop()
+        stop_s = time.monotonic() - stop_began
+
+    assert result == replace(result, clean=True, deadline_hit=False, stragglers=(), failed_required=())
+    assert result.exit_code == 0
+    assert boot_s < 15.0 and stop_s < 3.0, (boot_s, stop_s)
+    assert {w["status"] for w in service.supervisor.snapshot()["workers"]} == {"stopped"}
+    with pytest.raises(OSError):
+        await http_get(port, "/livez")  # the probe server is gone
+
+
+# ------------------------------------------------------------- restart and recovery
+
+
+class FlakyPrefetchService(WeatherlightService):
+    """The real Urza prefetch worker, which crashes on demand and then fails ``failures`` restarts."""
+
+    def __init__(self, settings: EsperSettings, *, failures: int, **kwargs: Any) -> None:
+        super().__init__(settings, **kwargs)
+        self.crash = asyncio.Event()
+        self.recovered = asyncio.Event()
+        self.failures_left = failures
+        self.attempts = 0
+
+    def specs(self) -> list[WorkerSpec]:
+        return [replace(s, factory=self._flaky) if s.name == "urza_prefetch" else s for s in super().specs()]
+
+    async def _flaky(self, ctx: WorkerContext) -> None:
+        self.attempts += 1
+        if self.attempts > 1:
+            if self.failures_left > 0:
+                self.failures_left -= 1
+                raise RuntimeError("injected: prefetch storage unavailable")
+            self.recovered.set()
+        real = asyncio.create_task(self._run_prefetch(ctx))
+        crash = asyncio.create_task(self.crash.wait())
+        try:
+            await asyncio.wait({real, crash}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            crash.cancel()
+            real.cancel()
+            await asyncio.gather(real, crash, return_exceptions=True)
+        if self.crash.is_set():
+            self.crash.clear()
+            raise RuntimeError("injected: prefetch worker crashed")
+
+
+async def test_crashed_worker_restarts_with_backoff_and_health_recovers(
+    tmp_path: Path, redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    policy = BackoffPolicy(base_s=0.2, factor=2.0, cap_s=5.0, jitter=0.0)
+    service = FlakyPrefetchService(make_settings(tmp_path, redis_url), failures=2, backoff=policy)
+    keyring = KeyRing(SECRET.encode())
+    async with serving(service):
+        port = service.http.port
+        last_id = (await redis_client.xinfo_stream("oona.telemetry"))["last-generated-id"].decode()
+        service.crash.set()
+
+        seen: list[tuple[str, int, float]] = []
+
+        async def observe() -> bool:
+            view = worker_view(await status_of(service), "urza_prefetch")
+            seen.append((view["status"], view["restarts"], view["backoff_seconds"]))
+            return view["status"] == "running" and view["restarts"] == 3
+
+        await eventually(observe, "urza_prefetch running again after 3 restarts")
+        assert service.recovered.is_set()
+
+        # /status showed the worker backing off, with the growing delays, and the restarts counting up.
+        backing_off = [(r, b) for s, r, b in seen if s == "backing_off"]
+        assert backing_off, seen
+        assert {b for _, b in backing_off} <= {0.2, 0.4, 0.8}
+        assert 0.8 in {b for _, b in backing_off}
+        assert [r for _, r, _ in seen] == sorted(r for _, r, _ in seen)
+        assert service.supervisor.delays("urza_prefetch") == pytest.approx([0.2, 0.4, 0.8])
+        final = worker_view(await status_of(service), "urza_prefetch")
+        assert final["backoff_seconds"] == 0.0
+        assert "injected" in (final["last_error"] or "")
+        assert service.attempts == 4
+        # No other worker was disturbed.
+        others = [w for w in (await status_of(service))["workers"] if w["name"] != "urza_prefetch"]
+        assert all(w["restarts"] == 0 for w in others)
+
+        # Telemetry said DEGRADED (naming the worker) while it backed off, then HEALTHY again.
+        health: list[tuple[int, str]] = []
+        async with asyncio.timeout(LIMIT_S):
+            while not (
+                any(h == L.HEALTH_STATUS_DEGRADED for h, _ in health)
+                and health[-1][0] == L.HEALTH_STATUS_HEALTHY
+            ):
+                last_id, entries = await read_new(redis_client, "oona.telemetry", last_id)
+                health += [
+                    (p.system_health.status, p.system_health.summary) for p in weatherlight_packets(entries)
+                ]
+        degraded = [s for h, s in health if h == L.HEALTH_STATUS_DEGRADED]
+        assert any("urza_prefetch:backing_off" in s for s in degraded), health
+        first_bad = next(i for i, (h, _) in enumerate(health) if h == L.HEALTH_STATUS_DEGRADED)
+        assert L.HEALTH_STATUS_HEALTHY in [h for h, _ in health[first_bad:]]
+
+        # The restarted worker really serves requests again: a request gets its reply.
+        client = OonaClient(redis_url, StreamConfig(group="trainer", consumer="trainer-1"), keyring)
+        try:
+            request = L.KernelPrefetchRequest(request_id="after-recovery", blueprint_id="BP404")
+            request.issued_at.GetCurrentTime()
+            assert (await client.publish_kernel_prefetch_request(request)).ok
+        finally:
+            await client.aclose()
+
+        async def answered() -> bool:
+            return "after-recovery" in await reply_ids(redis_client)
+
+        await eventually(answered, "a reply from the restarted prefetch worker")
+        assert (await http_get(port, "/readyz"))[0] == 200
+
+
+class DoomedService(WeatherlightService):
+    """Adds a required worker that always fails shortly after it starts."""
+
+    def __init__(self, settings: EsperSettings, **kwargs: Any) -> None:
+        super().__init__(settings, **kwargs)
+        self.doomed_attempts = 0
+
+    def specs(self) -> list[WorkerSpec]:
+        doomed = WorkerSpec("doomed", self._doomed, max_restarts=2, max_restarts_window_s=30.0)
+        return [*super().specs(), doomed]
+
+    async def _doomed(self, ctx: WorkerContext) -> None:
+        self.doomed_attempts += 1
+        await asyncio.sleep(0.05)
+        raise RuntimeError("injected: doomed worker cannot run")
+
+
+async def test_restart_intensity_breach_of_required_worker_ends_service_non_zero(
+    tmp_path: Path, redis_url: str
+) -> None:
+    policy = BackoffPolicy(base_s=0.05, factor=2.0, cap_s=1.0, jitter=0.0)
+    service = DoomedService(make_settings(tmp_path, redis_url), backoff=policy)
+    result: ShutdownResult = await asyncio.wait_for(service.run(), 30.0)
+
+    assert result.failed_required == ("doomed",)
+    assert result.exit_code == 1
+    assert result.boot_error is None
+    assert service.doomed_attempts == 3  # the first run plus max_restarts=2, then given up
+    assert service.supervisor.delays("doomed") == pytest.approx([0.05, 0.1])
+    doomed = service.supervisor.worker("doomed")
+    assert doomed["status"] == "failed"
+    assert "injected" in (doomed["last_error"] or "")
+    # The other workers were drained, not left running.
+    assert all(
+        w["status"] == "stopped" for w in service.supervisor.snapshot()["workers"] if w["name"] != "doomed"
+    )
+
+
+class HungService(WeatherlightService):
+    """Adds a worker whose first attempt stops heartbeating (hangs) while later ones are healthy."""
+
+    def __init__(self, settings: EsperSettings, **kwargs: Any) -> None:
+        super().__init__(settings, **kwargs)
+        self.attempts = 0
+        self.hung_at = 0.0
+        self.first_cancelled = False
+        self.alive = asyncio.Event()
+
+    def specs(self) -> list[WorkerSpec]:
+        return [*super().specs(), WorkerSpec("stuck", self._stuck, heartbeat_timeout_s=0.3, grace_s=0.5)]
+
+    async def _stuck(self, ctx: WorkerContext) -> None:
+        self.attempts += 1
+        ctx.heartbeat()
+        if self.attempts == 1:
+            self.hung_at = time.monotonic()
+            try:
+                await asyncio.Event().wait()  # stuck forever, no heartbeats (but cancellable)
+            except asyncio.CancelledError:
+                self.first_cancelled = True
+                raise
+        self.alive.set()
+        while not ctx.stopping.is_set():
+            ctx.heartbeat()
+            try:
+                await asyncio.wait_for(ctx.stopping.wait(), 0.05)
+            except TimeoutError:
+                continue
+
+
+async def test_watchdog_restarts_a_hung_worker(tmp_path: Path, redis_url: str) -> None:
+    policy = BackoffPolicy(base_s=0.05, factor=2.0, cap_s=1.0, jitter=0.0)
+    service = HungService(make_settings(tmp_path, redis_url), backoff=policy)
+    async with serving(service):
+        await asyncio.wait_for(service.alive.wait(), LIMIT_S)
+        restarted_after = time.monotonic() - service.hung_at
+        assert service.first_cancelled  # the watchdog cancelled the hung attempt
+        assert 0.3 <= restarted_after < 3.0, restarted_after
+        view = worker_view(await status_of(service), "stuck")
+        assert view["restarts"] == 1
+        assert view["status"] == "running"
+        assert "watchdog timeout" in (view["last_error"] or "")
+        # A heartbeating attempt is left alone for well over its timeout.
+        await asyncio.sleep(0.9)
+        status = await status_of(service)
+        assert worker_view(status, "stuck")["restarts"] == 1
+        assert service.attempts == 2
+        assert status["restarts_total"] == 1  # the real workers' heartbeats kept their watchdogs quiet
+
+
+class DeafService(WeatherlightService):
+    """Adds a worker that swallows every cancellation until the test releases it."""
+
+    def __init__(self, settings: EsperSettings, **kwargs: Any) -> None:
+        super().__init__(settings, **kwargs)
+        self.release = asyncio.Event()
+        self.cancels = 0
+
+    def specs(self) -> list[WorkerSpec]:
+        return [*super().specs(), WorkerSpec("deaf", self._deaf, grace_s=10.0)]
+
+    async def _deaf(self, ctx: WorkerContext) -> None:
+        while not self.release.is_set():
+            try:
+                await self.release.wait()
+            except asyncio.CancelledError:
+                self.cancels += 1  # ignored on purpose
+
+
+async def test_worker_ignoring_cancellation_ends_shutdown_at_deadline_non_zero(
+    tmp_path: Path, redis_url: str
+) -> None:
+    service = DeafService(make_settings(tmp_path, redis_url, weatherlight_shutdown_timeout_s=0.5))
+    try:
+        async with serving(service):
+            began = time.monotonic()
+            result = await asyncio.wait_for(service.stop(), 5.0)
+            took = time.monotonic() - began
+        assert result.deadline_hit
+        assert "deaf" in result.stragglers
+        assert not result.clean
+        assert result.exit_code == 1
+        assert service.cancels >= 1  # it was asked to stop and refused
+        assert 0.5 <= took < 1.5, took  # ends at the deadline, does not wait out the 10 s grace
+    finally:
+        service.release.set()
+        abandoned = service.supervisor.abandoned
+        if abandoned:
+            await asyncio.wait(abandoned, timeout=5.0)
+
+
+async def test_readyz_is_503_while_redis_is_down_and_200_after_it_returns(
+    tmp_path: Path, redis_server_factory: Callable[..., RedisServer]
+) -> None:
+    server = redis_server_factory(append_only=True)
+    service = WeatherlightService(make_settings(tmp_path, server.url))
+    async with serving(service):
+        port = service.http.port
+        assert (await http_get(port, "/readyz"))[0] == 200
+
+        await asyncio.to_thread(server.kill)
+        bodies: list[str] = []
+
+        async def not_ready() -> bool:
+            code, body = await http_get(port, "/readyz?verbose")
+            bodies.append(body)
+            return code == 503
+
+        await eventually(not_ready, "/readyz 503 with Redis down", every_s=0.05)
+        assert "[-]redis" in bodies[-1]
+        assert "[+]catalog ok" in bodies[-1]  # only the bus check failed
+        assert (await http_get(port, "/livez"))[0] == 200  # alive, just not ready
+
+        await asyncio.to_thread(server.start)  # same port, same data dir (append-only file)
+
+        async def ready() -> bool:
+            return (await http_get(port, "/readyz"))[0] == 200
+
+        await eventually(ready, "/readyz 200 after Redis returned", limit_s=20.0, every_s=0.05)
+        status = await status_of(service)
+        assert not [w for w in status["workers"] if w["status"] == "failed"]
+        result = await service.stop()
+    assert result.exit_code == 0
+
+
+async def test_stale_and_replayed_kernel_requests_are_dropped_and_counted(
+    tmp_path: Path, redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    keyring = KeyRing(SECRET.encode())
+    service = WeatherlightService(make_settings(tmp_path, redis_url))
+    async with serving(service):
+        now_ms = time.time_ns() // 1_000_000
+        stale = prefetch_entry(keyring, "stale-request", issued_at_ms=now_ms - 10 * 60_000)
+        replayed = prefetch_entry(keyring, "replayed-request", issued_at_ms=now_ms)
+        sentinel = prefetch_entry(keyring, "sentinel-request", issued_at_ms=now_ms)
+        await redis_client.xadd(REQUESTS, stale)  # type: ignore[arg-type]
+        await redis_client.xadd(REQUESTS, replayed)  # type: ignore[arg-type]
+        await redis_client.xadd(REQUESTS, replayed)  # type: ignore[arg-type]  # same nonce again
+        await redis_client.xadd(REQUESTS, sentinel)  # type: ignore[arg-type]
+
+        async def counted() -> bool:
+            _code, prom = await http_get(service.http.port, "/metrics")
+            return (
+                "sentinel-request" in await reply_ids(redis_client)
+                and metric(prom, "oona_rejected_total", stream=REQUESTS, reason="stale") >= 1
+                and metric(prom, "oona_rejected_total", stream=REQUESTS, reason="replay") >= 1
+            )
+
+        await eventually(counted, "the sentinel's reply and both rejections counted")
+        ids = await reply_ids(redis_client)
+        assert ids.count("stale-request") == 0
+        assert ids.count("replayed-request") == 1  # the original is answered, its replay is not
+        assert ids.count("sentinel-request") == 1
+
+        _code, prom = await http_get(service.http.port, "/metrics")
+        assert metric(prom, "oona_rejected_total", stream=REQUESTS, reason="stale") == 1.0
+        assert metric(prom, "oona_rejected_total", stream=REQUESTS, reason="replay") == 1.0
+        components = (await status_of(service))["components"]
+        assert components["oona.rejected.stale"] == 1.0
+        assert components["oona.rejected.replay"] == 1.0
+        # Both were dead-lettered with their reasons, for operators to inspect.
+        reasons = sorted(f[b"reason"].decode() for _e, f in await redis_client.xrange("oona.deadletter"))
+        assert reasons == ["replay", "stale"]
