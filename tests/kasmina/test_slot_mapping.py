@@ -49,3 +49,14 @@ async def test_a_seed_named_after_a_slot_keeps_that_slot(
     result = await manager.handle_command(command(keys, clock, seed_id="2"))  # type: ignore[arg-type]
     assert result.status == "applied"
     assert manager.slot_for("2").slot_name == "2"  # type: ignore[union-attr]
+
+
+async def test_free_slot_count_follows_grafts(
+    make_manager: Callable[..., KasminaSeedManager], keys: object, clock: Clock
+) -> None:
+    manager = make_manager()
+    assert manager.free_slot_count() == 0  # no host registered
+    manager.register_host_model(_two_slot_host())
+    assert manager.free_slot_count() == 2
+    await manager.handle_command(command(keys, clock, seed_id="seed-1"))  # type: ignore[arg-type]
+    assert manager.free_slot_count() == 1

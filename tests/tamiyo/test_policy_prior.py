@@ -27,3 +27,27 @@ def test_prior_can_be_disabled_for_plain_initialisation() -> None:
     assert not torch.equal(plain.action_head.bias, grown.action_head.bias)
     assert torch.equal(plain.encoder[0].weight, grown.encoder[0].weight)
     assert set(plain.state_dict()) == set(grown.state_dict())
+
+
+def test_controller_defers_a_graft_when_the_model_has_no_free_slot(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from esper.karn import KarnCatalog
+    from esper.security import KeyRing
+    from esper.tamiyo import FieldReportStore, StaticBlueprintMetadata, TamiyoController
+
+    controller = TamiyoController(
+        KeyRing(b"prior-test-secret-0123456789"),
+        StaticBlueprintMetadata(KarnCatalog().all()),
+        store=FieldReportStore(Path(str(tmp_path)) / "reports.log"),
+    )
+    full = _state(1, 0.5)
+    full.training_run_id = "full"
+    full.training_metrics["seed_slots_free"] = 0.0
+    decision = controller.evaluate(full)
+    assert decision.command is None
+    assert "germination_deferred" in decision.events
+    roomy = _state(1, 0.5)
+    roomy.training_run_id = "roomy"
+    roomy.training_metrics["seed_slots_free"] = 1.0
+    assert controller.evaluate(roomy).command is not None

@@ -48,6 +48,10 @@ class KernelAcquisition(SeedManagerCore):
                 return name
         return seed_id
 
+    def free_slot_count(self) -> int:
+        """Slots of the registered host that could take a new seed now (0 without a host)."""
+        return sum(1 for name in self._slots if not self._resolve_slot(name, ""))
+
     def _resolve_slot(self, ctx_slot: str, seed_id: str) -> str:
         """A rejection reason when the slot cannot take a new seed, else ''."""
         if self._host is None:

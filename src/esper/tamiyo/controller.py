@@ -62,6 +62,9 @@ from esper.tamiyo.telemetry_buffer import TelemetryBuffer
 _LOG = get_logger(__name__)
 WARNING = leyline_pb2.TELEMETRY_LEVEL_WARNING
 
+#: ``SystemStatePacket.training_metrics`` key where a trainer reports its free seed slots.
+FREE_SLOTS_METRIC = "seed_slots_free"
+
 
 class TamiyoController:
     """Turns state packets into signed commands; owns policy, risk rules and reports."""
@@ -223,8 +226,16 @@ class TamiyoController:
 
         if output.action is PolicyAction.GERMINATE:
             busy = in_flight_seed(seeds)
-            if busy is not None or live_seed_count(seeds) >= cfg.max_seeds:
-                why = f"seed {busy} still grafting" if busy else f"max_seeds {cfg.max_seeds} reached"
+            # Trainers may report how many seed slots their model has left.
+            free_slots = state.training_metrics.get(FREE_SLOTS_METRIC)
+            no_room = free_slots is not None and free_slots < 1
+            if busy is not None or no_room or live_seed_count(seeds) >= cfg.max_seeds:
+                if busy:
+                    why = f"seed {busy} still grafting"
+                elif no_room:
+                    why = "no free seed slot in the model"
+                else:
+                    why = f"max_seeds {cfg.max_seeds} reached"
                 events.append(TelemetryEvent("germination_deferred", attributes={**base, "reason": why}))
             else:
                 descriptor = self._lookup(output.blueprint_id, events, base)

@@ -89,6 +89,8 @@ class SeedManager(Protocol):
 
     def export_seed_states(self) -> list[leyline_pb2.SeedState]: ...
 
+    def free_slot_count(self) -> int: ...
+
     def seed_parameters(self, seed_id: str | None = None) -> list[nn.Parameter]: ...
 
     def build_telemetry(self, events: Iterable[TelemetryEvent] = ()) -> leyline_pb2.TelemetryPacket: ...
@@ -476,6 +478,8 @@ class TolariaTrainer:
                 "gradient_norm": train.gradient_norm,
                 "epoch_latency_ms": latency_ms,
                 "samples_per_s": train.samples_per_s,
+                # Lets the controller defer a graft the model has no room for.
+                "seed_slots_free": float(self.manager.free_slot_count()),
             }
         )
         packet.hardware_context.CopyFrom(_hardware_context(self.device))

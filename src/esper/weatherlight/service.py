@@ -241,7 +241,7 @@ class WeatherlightService:
         return metrics
 
     async def publish_telemetry(self) -> None:
-        """Publish the service packet, then forward Kasmina's packets at their own priority."""
+        """Publish the service packet and Oona's, then forward Kasmina's at their own priority."""
         client = self._client("service")
         packet = build_weatherlight_packet(
             self.supervisor.snapshot(),
@@ -254,7 +254,10 @@ class WeatherlightService:
             and self.supervisor.snapshot()["failed"]
             else leyline_pb2.MESSAGE_PRIORITY_NORMAL
         )
-        results = [await client.publish_telemetry(packet, priority=priority)]
+        results = [
+            await client.publish_telemetry(packet, priority=priority),
+            await client.publish_telemetry(client.metrics_packet()),
+        ]
         if self.warmer is not None:
             for forwarded in self.warmer.drain_telemetry():
                 results.append(await client.publish_telemetry(forwarded, priority=packet_priority(forwarded)))
