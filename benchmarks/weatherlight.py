@@ -1,0 +1,159 @@
+"""Weatherlight process benchmark: boot to ready, SIGTERM to exit, idle CPU and memory.
+
+Starts the real ``esper-weatherlight-service`` as a subprocess in its default
+single-node shape (``REDIS_URL`` unset, so it runs its own embedded server),
+each run with a fresh ``ESPER_VAR_DIR``, artifact dir and SQLite catalogue in
+a temporary directory and a free HTTP port. Per run it measures:
+
+- ``boot_to_ready_s``: process spawn until ``/readyz`` answers 200 (polled every 10 ms);
+- ``sigterm_to_exit_s``: SIGTERM until the process has exited (exit status must be 0);
+- ``rss_mb``: VmRSS of the service process (not its server child) right after boot.
+
+On the first run it also measures ``idle_cpu_percent``: utime+stime of the
+service *and* its embedded server child over ``BENCH_IDLE_S`` seconds (default 30)
+of idleness, as a percentage of one core. Medians are reported over
+``BENCH_RUNS`` runs (default 5).
+
+Run: .venv/bin/python benchmarks/weatherlight.py   (the last line is JSON)
+Targets: boot <= 3 s, shutdown <= 1 s, idle CPU <= 1 % of a core, RSS <= 250 MB.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from esper.core.redis_server import free_port
+
+RUNS = int(os.environ.get("BENCH_RUNS", "5"))
+IDLE_S = float(os.environ.get("BENCH_IDLE_S", "30"))
+SECRET = "weatherlight-benchmark-secret-0123456789"
+SCRIPT = str(Path(sys.executable).with_name("esper-weatherlight-service"))
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+_INHERITED = ("ESPER_", "OONA_", "URZA_", "TAMIYO_", "WEATHERLIGHT_", "KERNEL_", "ESP_")
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of one process, in clock ticks."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5), counted after "comm"
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        found += [int(p) for p in text]
+    return found
+
+
+def ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1.0) as resp:
+            return int(resp.status) == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def environment(root: Path, port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not (k.startswith(_INHERITED) or k == "REDIS_URL")}
+    env.update(
+        ESPER_LEYLINE_SECRET=SECRET,
+        ESPER_VAR_DIR=str(root / "var"),
+        URZA_ARTIFACT_DIR=str(root / "urza"),
+        URZA_DATABASE_URL=f"sqlite:///{root / 'urza' / 'catalog.db'}",
+        WEATHERLIGHT_HTTP_PORT=str(port),
+    )
+    return env
+
+
+def one_run(index: int, measure_idle: bool) -> dict[str, float]:
+    with tempfile.TemporaryDirectory(prefix="weatherlight-bench-") as tmp:
+        root = Path(tmp)
+        port = free_port()
+        log = (root / "service.log").open("wb")
+        began = time.monotonic()
+        proc = subprocess.Popen(
+            [SCRIPT], env=environment(root, port), cwd=root, stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            while not ready(port):
+                if proc.poll() is not None:
+                    raise RuntimeError(f"service exited with {proc.returncode}:\n{_tail(root)}")
+                if time.monotonic() - began > 60:
+                    raise RuntimeError(f"service not ready within 60 s:\n{_tail(root)}")
+                time.sleep(0.01)
+            boot = time.monotonic() - began
+            result = {"boot_to_ready_s": boot, "rss_mb": rss_mb(proc.pid)}
+            kids = children(proc.pid)
+            print(
+                f"run {index + 1}/{RUNS}: ready in {boot:.3f} s, RSS {result['rss_mb']:.1f} MB, "
+                f"children {kids}",
+                flush=True,
+            )
+            if measure_idle:
+                time.sleep(1.0)  # let the last boot steps settle
+                pids = [proc.pid, *kids]
+                before = {pid: cpu_ticks(pid) for pid in pids}
+                t0 = time.monotonic()
+                time.sleep(IDLE_S)
+                elapsed = time.monotonic() - t0
+                used = {pid: (cpu_ticks(pid) - before[pid]) / CLK_TCK for pid in pids}
+                result["idle_cpu_percent"] = 100.0 * sum(used.values()) / elapsed
+                detail = ", ".join(f"{pid}: {100 * s / elapsed:.2f}%" for pid, s in used.items())
+                print(
+                    f"  idle CPU over {elapsed:.1f} s: {result['idle_cpu_percent']:.2f}% ({detail})",
+                    flush=True,
+                )
+            t_sig = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=30)
+            result["sigterm_to_exit_s"] = time.monotonic() - t_sig
+            if code != 0:
+                raise RuntimeError(f"exit status {code} after SIGTERM:\n{_tail(root)}")
+            leftovers = [pid for pid in kids if Path(f"/proc/{pid}").exists()]
+            if leftovers:
+                raise RuntimeError(f"children left behind: {leftovers}")
+            print(f"  SIGTERM -> exit 0 in {result['sigterm_to_exit_s']:.3f} s", flush=True)
+            return result
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+
+
+def _tail(root: Path) -> str:
+    return "\n".join((root / "service.log").read_text(errors="replace").splitlines()[-20:])
+
+
+def main() -> None:
+    runs = [one_run(i, measure_idle=(i == 0)) for i in range(RUNS)]
+    summary = {
+        "boot_to_ready_s": round(statistics.median(r["boot_to_ready_s"] for r in runs), 3),
+        "sigterm_to_exit_s": round(statistics.median(r["sigterm_to_exit_s"] for r in runs), 3),
+        "idle_cpu_percent": round(runs[0]["idle_cpu_percent"], 3),
+        "rss_mb": round(statistics.median(r["rss_mb"] for r in runs), 1),
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
