@@ -185,7 +185,11 @@ class TezzeretForge:
         self, d: int, ids: Iterable[str] | None = None, *, dtype: str = "float32", force: bool = False
     ) -> ForgeReport:
         """Synchronous wrapper around :meth:`arun` (not for use inside a running event loop)."""
-        return asyncio.run(self.arun(d, ids, dtype=dtype, force=force))
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self.arun(d, ids, dtype=dtype, force=force))
+        raise RuntimeError("TezzeretForge.run() called inside an event loop; await arun() instead")
 
     def _compile_and_save(
         self, bid: str, d: int, dtype: str
