@@ -51,3 +51,21 @@ async def test_messages_after_a_stop_are_delivered_to_the_next_consumer(
     await task
     assert recorder.messages[0].decode(pb.AdaptationCommand).command_id == "after-stop"
     assert (await redis_client.xpending("oona.normal", "test"))["pending"] == 0
+
+
+async def test_consumer_waiting_out_an_outage_stops_at_once(make_client: Callable[..., OonaClient]) -> None:
+    from esper.core.redis_server import free_port
+
+    client = make_client(
+        f"redis://127.0.0.1:{free_port()}/0",
+        breaker_failure_threshold=1,
+        consume_breaker_timeout_ms=60_000,
+        reconnect_base_ms=30_000,
+        reconnect_max_ms=60_000,
+    )
+    consumer = client.consumer("oona.normal", Recorder(), types={CMD})
+    task = asyncio.create_task(consumer.run())
+    await asyncio.sleep(0.3)  # the first read fails: now backing off / breaker open for a minute
+    assert consumer.reconnects >= 1
+    await asyncio.wait_for(consumer.stop(), 5)
+    await asyncio.wait_for(task, 5)

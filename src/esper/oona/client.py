@@ -94,8 +94,10 @@ class OonaClient:
         self.metrics = metrics if metrics is not None else OonaMetrics(registry)
         self.name = name
         self._breaker_prefix = f"{name}." if name else ""
-        self.publish_breaker = self._breaker(f"{self._breaker_prefix}publish")
-        self.consume_breaker = self._breaker(f"{self._breaker_prefix}consume")
+        self.publish_breaker = self._breaker(f"{self._breaker_prefix}publish", config.breaker_timeout_ms)
+        self.consume_breaker = self._breaker(
+            f"{self._breaker_prefix}consume", config.consume_breaker_timeout_ms or config.breaker_timeout_ms
+        )
         self._depths: dict[str, tuple[float, int]] = {}
 
     @classmethod
@@ -130,13 +132,13 @@ class OonaClient:
             name=name,
         )
 
-    def _breaker(self, name: str) -> CircuitBreaker:
+    def _breaker(self, name: str, timeout_ms: int) -> CircuitBreaker:
         c = self.config
         breaker = CircuitBreaker(
             name,
             failure_threshold=c.breaker_failure_threshold,
             success_threshold=c.breaker_success_threshold,
-            timeout_ms=c.breaker_timeout_ms,
+            timeout_ms=timeout_ms,
             on_change=self.metrics.set_breaker,
         )
         self.metrics.set_breaker(name, int(breaker.state))

@@ -57,6 +57,9 @@ class StreamConfig:
     breaker_failure_threshold: int = 3
     breaker_success_threshold: int = 1
     breaker_timeout_ms: int = 30_000
+    #: Open period of the consume breaker. Short: a reader only probes the server
+    #: (with its own reconnect backoff), so it should resume soon after recovery.
+    consume_breaker_timeout_ms: int | None = 2_000
     publish_breaker_wait_ms: int | None = None
     reconnect_base_ms: int = 100
     reconnect_max_ms: int = 5_000

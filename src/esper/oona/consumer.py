@@ -104,6 +104,19 @@ class _Loop:
         if self._running:
             await self._done.wait()
 
+    async def _unless_stopped(self, waiting: Awaitable[Any]) -> bool:
+        """Wait for ``waiting`` unless ``stop()`` comes first; True when it completed."""
+        wait = asyncio.ensure_future(waiting)
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({wait, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (wait, stop):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(wait, stop, return_exceptions=True)
+        return wait.done() and not wait.cancelled() and not self._stop.is_set()
+
     async def _blocking_read(self, read: Callable[[], Awaitable[Any]]) -> Any:
         """Await a blocking XREAD/XREADGROUP that ``stop()`` may abandon (then: no entries)."""
         if self._stop.is_set():
@@ -135,7 +148,8 @@ class _Loop:
             await self._prepare()
             while not self._stop.is_set():
                 self.iterations += 1
-                await breaker.wait_ready()
+                if breaker.remaining_s() > 0 and not await self._unless_stopped(breaker.wait_ready()):
+                    break
                 try:
                     await self._iterate()
                 except _TRANSIENT as exc:
@@ -161,7 +175,7 @@ class _Loop:
             error=type(exc).__name__,
             retry_in_s=round(self._backoff_s, 3),
         )
-        await asyncio.sleep(self._backoff_s)
+        await self._unless_stopped(asyncio.sleep(self._backoff_s))
         self._backoff_s = min(self._backoff_s * 2, self.client.config.reconnect_max_ms / 1000)
 
     async def _prepare(self) -> None:

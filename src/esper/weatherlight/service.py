@@ -19,6 +19,7 @@ from dataclasses import replace
 from typing import Any
 
 from prometheus_client import CollectorRegistry
+from redis.exceptions import RedisError
 
 from esper.core.http_server import HealthServer
 from esper.core.logs import get_logger
@@ -89,6 +90,7 @@ class WeatherlightService:
         self.warmer: KernelWarmer | None = None
         self.tamiyo: TamiyoService | None = None
         self.emergencies: Tally[str] = Tally()
+        self.housekeeping_skipped = 0
         self._ticks = 0
 
     # -- composition ---------------------------------------------------------------
@@ -238,6 +240,7 @@ class WeatherlightService:
                 {f"tamiyo.service.{k}": float(v) for k, v in self.tamiyo.metrics_snapshot().items()}
             )
         metrics.update({f"weatherlight.emergency.{k}": float(v) for k, v in self.emergencies.items()})
+        metrics["weatherlight.housekeeping.skipped_total"] = float(self.housekeeping_skipped)
         return metrics
 
     async def publish_telemetry(self) -> None:
@@ -268,11 +271,23 @@ class WeatherlightService:
             )
 
     async def housekeeping(self) -> None:
+        """Trim streams, refresh queue depths and, now and then, sweep Urza.
+
+        A Redis outage is not this worker's failure: it is reported by
+        ``/readyz`` and the consumers' breakers, and trimming can wait for the
+        next tick. Failing here would restart (and eventually fail) a required
+        worker over something it cannot fix.
+        """
         client = self._client("service")
-        trimmed = await client.housekeeping()
-        await client.refresh_depths()
-        if any(trimmed.values()):
-            _log.info("weatherlight.trimmed", **{k: v for k, v in trimmed.items() if v})
+        try:
+            trimmed = await client.housekeeping()
+            await client.refresh_depths()
+        except (RedisError, OSError) as exc:
+            self.housekeeping_skipped += 1
+            _log.warning("weatherlight.housekeeping_skipped", error=type(exc).__name__)
+        else:
+            if any(trimmed.values()):
+                _log.info("weatherlight.trimmed", **{k: v for k, v in trimmed.items() if v})
         self._ticks += 1
         if self.library is not None and self._ticks % self.maintenance_every == 0:
             report = await self.library.amaintenance()
