@@ -29,8 +29,8 @@ from typing import BinaryIO
 from google.protobuf.message import DecodeError
 
 from esper.core import EsperSettings, get_logger
+from esper.core.files import write_atomic
 from esper.leyline import leyline_pb2
-from esper.tamiyo._fs import atomic_write_bytes
 
 _LOG = get_logger(__name__)
 _HEADER = struct.Struct("<I")
@@ -214,7 +214,7 @@ class FieldReportStore:
             removed = len(self._reports) - len(kept)
             if removed:
                 self._close_handle()
-                atomic_write_bytes(self.path, b"".join(encode_record(r) for r in kept))
+                write_atomic(self.path, b"".join(encode_record(r) for r in kept))
                 self._reports = kept
                 _LOG.info("tamiyo.field_reports_pruned", removed=removed, kept=len(kept))
             return removed

@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 
 from esper.core import EsperSettings, get_logger
+from esper.core.files import write_atomic
 from esper.leyline import leyline_pb2
-from esper.tamiyo._fs import atomic_write_bytes
 from esper.tamiyo.payload import PayloadError, decode_payload, encode_tensors
 from esper.tamiyo.policy import PolicyConfig, TamiyoPolicy
 
@@ -240,7 +240,7 @@ class TamiyoPolicyRegistry:
         if self._policy_dir is None:
             return
         path = self._policy_dir / f"tamiyo-policy-v{version:010d}.safetensors"
-        atomic_write_bytes(path, encode_policy(policy, version, policy_id, run_id))
+        write_atomic(path, encode_policy(policy, version, policy_id, run_id))
         for old in self._persisted()[self._keep_files :]:
             old[1].unlink(missing_ok=True)
 

@@ -1,23 +1,23 @@
 """Crash-safe training checkpoints.
 
 Each epoch's checkpoint is ``ckpt-epoch-<n>.pt`` in the checkpoint
-directory, written atomically: ``torch.save`` into a temporary file in the
-same directory, ``fsync``, ``os.replace`` onto the final name, then
-``fsync`` of the directory. A crash leaves either the previous complete
-checkpoint or the new one, never a torn file. Loading uses
-``torch.load(weights_only=True)``: a checkpoint can carry tensors, numbers,
-strings and containers, never code.
+directory, written atomically (:func:`esper.core.files.write_atomic_with`):
+``torch.save`` into a temporary file in the same directory, ``fsync``,
+``os.replace`` onto the final name, then ``fsync`` of the directory. A
+crash leaves either the previous complete checkpoint or the new one, never
+a torn file. Loading uses ``torch.load(weights_only=True)``: a checkpoint
+can carry tensors, numbers, strings and containers, never code.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from esper.core.files import write_atomic_with
 
 _NAME = re.compile(r"^ckpt-epoch-(\d+)\.pt$")
 
@@ -45,20 +45,9 @@ def latest_checkpoint(directory: Path) -> Path | None:
 
 def save_checkpoint(directory: Path, epoch: int, state: dict[str, Any], *, keep: int | None = 3) -> Path:
     """Write ``state`` atomically as epoch ``epoch``; keep the newest ``keep`` checkpoints."""
-    directory.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(directory, epoch)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=directory)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(directory)
+    # Owner-only, as when the temp file came from ``tempfile.mkstemp``.
+    write_atomic_with(final, lambda handle: torch.save(state, handle), mode=0o600)
     if keep is not None and keep > 0:
         for _epoch, old in list_checkpoints(directory)[:-keep]:
             old.unlink(missing_ok=True)
@@ -71,14 +60,3 @@ def load_checkpoint(path: Path, *, map_location: str | torch.device = "cpu") -> 
     if not isinstance(state, dict):
         raise ValueError(f"{path} is not a Tolaria checkpoint")
     return state
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

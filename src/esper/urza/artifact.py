@@ -33,7 +33,7 @@ Loading never unpickles: the module is rebuilt from its family
 checked against the family.
 
 Writes are atomic: temp file in the same directory, ``fsync``, ``os.replace``,
-``fsync`` of the directory.
+``fsync`` of the directory (:mod:`esper.core.files`).
 """
 
 from __future__ import annotations
@@ -41,9 +41,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -54,6 +52,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from esper.core import files
 from esper.urza.errors import ChecksumMismatch, CorruptArtifact, GuardMismatch, InvalidArtifactRef
 from esper.urza.families import DTYPES, FAMILIES, construct, family_args_ok
 
@@ -162,33 +161,16 @@ def ref_to_relative(ref: str) -> str:
 # -- writing ------------------------------------------------------------------------
 
 
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
+fsync_dir = files.fsync_directory  # kept under its old name: Tezzeret's forge log uses it
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Temp file in the same directory, fsync, rename over ``path``, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex}-{path.name}"
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    """Atomically replace ``path`` (:func:`esper.core.files.write_atomic`).
+
+    The temp file starts with :data:`TEMP_PREFIX` so the library's maintenance
+    sweep recognises one a crash left behind.
+    """
+    files.write_atomic(path, data, temp_prefix=TEMP_PREFIX)
 
 
 def _data_section(blob: bytes) -> bytes:
