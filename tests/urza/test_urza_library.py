@@ -200,7 +200,7 @@ def test_hostile_pickle_is_rejected_without_unpickling(tmp_path: Path, library: 
     path.write_bytes(payload)
     # Even when an attacker also fixes the checksum in the catalogue, nothing is unpickled.
     with library._engine.begin() as conn:
-        from esper.urza.library import kernels_table
+        from esper.urza.catalog import kernels_table
 
         conn.execute(kernels_table.update().values(checksum=sha256_hex(payload)))
     fresh = UrzaLibrary(library.root, library.database_url)

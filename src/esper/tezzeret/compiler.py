@@ -20,12 +20,14 @@ The result carries a Leyline ``KernelCatalogUpdate`` (``prewarm_ms`` = p50).
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 
@@ -34,7 +36,26 @@ from esper.leyline import leyline_pb2
 from esper.tezzeret.kernels import build_kernel, family_for
 from esper.urza import artifact as fmt
 from esper.urza.families import dtype_of
-from esper.urza.library import percentile
+from esper.urza.records import percentile
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _off_loop(fn: Callable[P, R]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """The async twin of a blocking method: same signature, run in a worker thread.
+
+    Compiling is CPU-bound (build, checks, prewarm), so callers on an event
+    loop use the twin; deriving it keeps the two signatures from drifting.
+    """
+
+    @functools.wraps(fn)
+    async def off_loop(*args: P.args, **kwargs: P.kwargs) -> R:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    off_loop.__name__ = off_loop.__qualname__ = f"a{fn.__name__}"
+    off_loop.__doc__ = f"``{fn.__name__}`` run off the event loop (in a worker thread)."
+    return off_loop
 
 
 class CompileError(RuntimeError):
@@ -149,15 +170,7 @@ class TezzeretCompiler:
             file_size=len(blob),
         )
 
-    async def acompile(
-        self,
-        blueprint_id: str,
-        parameters: Mapping[str, float] | None = None,
-        *,
-        d: int,
-        dtype: str = "float32",
-    ) -> CompileResult:
-        return await asyncio.to_thread(self.compile, blueprint_id, parameters, d=d, dtype=dtype)
+    acompile = _off_loop(compile)
 
     def _check(self, bid: str, module: torch.nn.Module, d: int, dtype: torch.dtype) -> None:
         generator = torch.Generator().manual_seed(0)

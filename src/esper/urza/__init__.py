@@ -11,6 +11,7 @@ from esper.urza.artifact import (
     serialize,
     write_atomic,
 )
+from esper.urza.catalog import normalize_database_url
 from esper.urza.errors import (
     ArtifactNotFound,
     ChecksumMismatch,
@@ -21,14 +22,8 @@ from esper.urza.errors import (
     UrzaError,
 )
 from esper.urza.families import FAMILIES, build_family
-from esper.urza.library import (
-    ArtifactInfo,
-    MaintenanceReport,
-    UrzaLibrary,
-    UrzaRecord,
-    normalize_database_url,
-    percentile,
-)
+from esper.urza.library import UrzaLibrary
+from esper.urza.records import ArtifactInfo, MaintenanceReport, UrzaRecord, percentile
 from esper.urza.runtime import UrzaRuntime
 
 __all__ = [

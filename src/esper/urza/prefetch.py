@@ -28,7 +28,8 @@ from esper.core.logs import get_logger
 from esper.leyline import leyline_pb2
 from esper.oona import GroupConsumer, OonaClient, OonaMessage
 from esper.urza.errors import UrzaError
-from esper.urza.library import ArtifactInfo, UrzaLibrary
+from esper.urza.library import UrzaLibrary
+from esper.urza.records import ArtifactInfo
 
 _log = get_logger("esper.urza.prefetch")
 _REQUEST = leyline_pb2.BUS_MESSAGE_TYPE_KERNEL_PREFETCH_REQUEST
