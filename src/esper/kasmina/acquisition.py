@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from torch import nn
 
 from esper.kasmina.context import PendingKernel, SeedContext
-from esper.kasmina.core import _L, INFO, WARNING, SeedManagerCore, _probe_interface
+from esper.kasmina.core import _L, INFO, WARNING, Level, SeedManagerCore, _probe_interface
 from esper.kasmina.gates import GateInputs, evaluate_gate
 
 
@@ -146,19 +146,23 @@ class KernelAcquisition(SeedManagerCore):
             await self.kernel_failed(ctx.seed_id, pending.blueprint_id, "no_kernel_provider")
             return
         pending.retry_due = False
-        self.emit(
-            "kernel_requested",
-            INFO,
-            seed_id=ctx.seed_id,
-            blueprint_id=pending.blueprint_id,
-            attempt=pending.attempts,
-        )
+        self._emit_attempt("kernel_requested", INFO, ctx, pending)
         try:
             await provider.request(ctx.seed_id, pending.blueprint_id, ctx.training_run_id)
         except Exception as exc:  # noqa: BLE001 - a provider crash is a failed request, never a crash here
             await self.kernel_failed(
                 ctx.seed_id, pending.blueprint_id, f"request_error: {type(exc).__name__}"
             )
+
+    def _emit_attempt(self, description: str, level: Level, ctx: SeedContext, pending: PendingKernel) -> None:
+        """An event about one attempt of a kernel request (sent, timed out)."""
+        self.emit(
+            description,
+            level,
+            seed_id=ctx.seed_id,
+            blueprint_id=pending.blueprint_id,
+            attempt=pending.attempts,
+        )
 
     def _pending_for(self, seed_id: str, blueprint_id: str, source: str) -> SeedContext | None:
         ctx = self._seeds.get(seed_id)
@@ -236,13 +240,7 @@ class KernelAcquisition(SeedManagerCore):
                 continue
             expired += 1
             self._breaker_record(False, "prefetch_timeout")
-            self.emit(
-                "prefetch_timeout",
-                WARNING,
-                seed_id=ctx.seed_id,
-                blueprint_id=pending.blueprint_id,
-                attempt=pending.attempts,
-            )
+            self._emit_attempt("prefetch_timeout", WARNING, ctx, pending)
             if pending.attempts <= self.prefetch_retries:
                 pending.attempts += 1
                 pending.deadline = now + self.prefetch_timeout_seconds

@@ -4,6 +4,15 @@ It guards the kernel acquisition path only: when kernels keep failing,
 timing out or arriving over the latency budget, new grafts go straight to the
 fallback instead of hammering a broken forge. The state is the Leyline
 ``CircuitBreakerState`` so telemetry reports it without translation.
+
+Why not :class:`esper.oona.CircuitBreaker` with these thresholds: the
+semantics differ where Kasmina relies on them. An operator command can force
+this breaker CLOSED or HALF_OPEN (``COMMAND_CIRCUIT_BREAKER``); ``failures``
+is public and reported (``kasmina.breaker.failures``) and counts every
+recorded failure; a failure recorded while OPEN (a request sent before the
+breaker opened that times out afterwards) re-arms the full open window,
+and a success while OPEN clears the count. Oona's breaker ignores both while
+OPEN and cannot be forced closed.
 """
 
 from __future__ import annotations

@@ -19,10 +19,10 @@ from collections import Counter, deque
 from collections.abc import Callable
 
 from esper.core.logs import get_logger
-from esper.kasmina.prefetch import wait_first
+from esper.core.tasks import RunGuard
 from esper.kasmina.seed_manager import CommandResult, KasminaSeedManager
 from esper.leyline import leyline_pb2
-from esper.oona import BroadcastConsumer, OonaClient, OonaMessage
+from esper.oona import BroadcastConsumer, OonaClient, OonaMessage, run_consumers
 
 _log = get_logger("esper.kasmina.intake")
 _COMMAND = leyline_pb2.BUS_MESSAGE_TYPE_ADAPTATION_COMMAND
@@ -45,9 +45,7 @@ class KasminaCommandIntake:
         self.on_result = on_result
         self.results: deque[tuple[str, CommandResult]] = deque(maxlen=max(1, history))
         self._counts: Counter[str] = Counter()
-        self._stop = asyncio.Event()
-        self._done = asyncio.Event()
-        self._running = False
+        self._guard = RunGuard("intake")
         self._reader: BroadcastConsumer | None = None
         #: Set while the reader is positioned: commands published from now on are seen.
         self.ready = asyncio.Event()
@@ -70,38 +68,31 @@ class KasminaCommandIntake:
         on_ready: Callable[[], None] | None = None,
     ) -> None:
         """Read commands until :meth:`stop` or ``stop_event``; a restart resumes after the last entry."""
-        if self._running:
-            raise RuntimeError("intake is already running")
-        self._running = True
-        self._done.clear()
-        self._stop.clear()
-        reader = self.client.broadcast(
-            self.client.config.normal_stream,
-            self.handle,
-            types={_COMMAND},
-            ignore_types=set(_IGNORED),
-            start_id=self._reader.last_id if self._reader is not None else "$",
-        )
-        self._reader = reader
-        stops = (self._stop,) if stop_event is None else (self._stop, stop_event)
-        try:
-            async with asyncio.TaskGroup() as group:
-                group.create_task(reader.run(), name="kasmina-command-intake")
-                await reader.ready.wait()
+        with self._guard.running_scope():
+            reader = self.client.broadcast(
+                self.client.config.normal_stream,
+                self.handle,
+                types={_COMMAND},
+                ignore_types=set(_IGNORED),
+                start_id=self._reader.last_id if self._reader is not None else "$",
+            )
+            self._reader = reader
+
+            def positioned() -> None:
                 self.ready.set()
                 if on_ready is not None:
                     on_ready()
-                await wait_first(*stops)
-                await reader.stop()
-        finally:
-            self.ready.clear()
-            self._running = False
-            self._done.set()
+
+            try:
+                await run_consumers(
+                    {"kasmina-command-intake": reader}, self._guard.stops(stop_event), on_ready=positioned
+                )
+            finally:
+                self.ready.clear()
 
     async def stop(self) -> None:
-        self._stop.set()
-        if self._running:
-            await self._done.wait()
+        """Finish the batch in flight and return from :meth:`run`."""
+        await self._guard.stop()
 
     def metrics_snapshot(self) -> dict[str, float]:
         """Outcomes under ``kasmina.intake.``: ``applied``, ``ignored.<reason>``, ``rejected.<reason>``."""

@@ -50,9 +50,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from esper.core.logs import get_logger
+from esper.core.tasks import RunGuard
 from esper.kasmina.seed_manager import KasminaSeedManager
 from esper.leyline import leyline_pb2
-from esper.oona import BroadcastConsumer, OonaClient, OonaMessage
+from esper.oona import BroadcastConsumer, OonaClient, OonaMessage, run_consumers
 from esper.urza import UrzaError, UrzaRuntime
 
 _log = get_logger("esper.kasmina.prefetch")
@@ -69,20 +70,6 @@ class OutstandingRequest:
     blueprint_id: str
     training_run_id: str
     sent_at: float
-
-
-async def wait_first(*events: asyncio.Event, limit_s: float | None = None) -> bool:
-    """Wait until any of ``events`` is set (True) or ``limit_s`` passes (False). No polling."""
-    if any(e.is_set() for e in events):
-        return True
-    waiters = [asyncio.ensure_future(e.wait()) for e in events]
-    try:
-        done, _ = await asyncio.wait(waiters, timeout=limit_s, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
-        await asyncio.gather(*waiters, return_exceptions=True)
-    return bool(done)
 
 
 class KasminaPrefetchCoordinator:
@@ -125,9 +112,7 @@ class KasminaPrefetchCoordinator:
         self._counts: Counter[str] = Counter()
         self._load_ms_total = 0.0
         self._load_ms_max = 0.0
-        self._stop = asyncio.Event()
-        self._done = asyncio.Event()
-        self._running = False
+        self._guard = RunGuard("coordinator")
         #: Set while both reply readers are positioned: requests sent from now on get their replies.
         self.ready = asyncio.Event()
         #: Expiry ticks so far: a watchdog's sign of progress.
@@ -255,47 +240,44 @@ class KasminaPrefetchCoordinator:
         supervisor to restart; a restart resumes the reply streams after the
         last entry seen, so replies that came meanwhile are not missed.
         """
-        if self._running:
-            raise RuntimeError("coordinator is already running")
-        self._running = True
-        self._done.clear()
-        self._stop.clear()
-        config = self.client.config
-        ready_reader = self.client.broadcast(
-            config.kernel_ready_stream,
-            self.handle_ready,
-            types={_READY},
-            ignore_types={_CATALOG},
-            start_id=self._ready_reader.last_id if self._ready_reader is not None else "$",
-        )
-        error_reader = self.client.broadcast(
-            config.kernel_error_stream,
-            self.handle_error,
-            types={_ERROR},
-            start_id=self._error_reader.last_id if self._error_reader is not None else "$",
-        )
-        self._ready_reader, self._error_reader = ready_reader, error_reader
-        stops = (self._stop,) if stop_event is None else (self._stop, stop_event)
-        try:
-            async with asyncio.TaskGroup() as group:
-                group.create_task(ready_reader.run(), name="kasmina-prefetch-ready")
-                group.create_task(error_reader.run(), name="kasmina-prefetch-errors")
-                await ready_reader.ready.wait()
-                await error_reader.ready.wait()
+        with self._guard.running_scope():
+            config = self.client.config
+            ready_reader = self.client.broadcast(
+                config.kernel_ready_stream,
+                self.handle_ready,
+                types={_READY},
+                ignore_types={_CATALOG},
+                start_id=self._ready_reader.last_id if self._ready_reader is not None else "$",
+            )
+            error_reader = self.client.broadcast(
+                config.kernel_error_stream,
+                self.handle_error,
+                types={_ERROR},
+                start_id=self._error_reader.last_id if self._error_reader is not None else "$",
+            )
+            self._ready_reader, self._error_reader = ready_reader, error_reader
+
+            def positioned() -> None:
                 self.ready.set()
                 if on_ready is not None:
                     on_ready()
                 _log.info("kasmina.prefetch_running", training_run_id=self.training_run_id)
-                while not await wait_first(*stops, limit_s=self.expire_interval_s):
-                    await self.tick()
-                    if heartbeat is not None:
-                        heartbeat()
-                await ready_reader.stop()
-                await error_reader.stop()
-        finally:
-            self.ready.clear()
-            self._running = False
-            self._done.set()
+
+            async def expiry_tick() -> None:
+                await self.tick()
+                if heartbeat is not None:
+                    heartbeat()
+
+            try:
+                await run_consumers(
+                    {"kasmina-prefetch-ready": ready_reader, "kasmina-prefetch-errors": error_reader},
+                    self._guard.stops(stop_event),
+                    on_ready=positioned,
+                    tick_s=self.expire_interval_s,
+                    on_tick=expiry_tick,
+                )
+            finally:
+                self.ready.clear()
 
     async def tick(self) -> int:
         """One expiry pass: ``manager.expire_pending()`` plus forgetting abandoned ids."""
@@ -315,9 +297,7 @@ class KasminaPrefetchCoordinator:
 
     async def stop(self) -> None:
         """Finish the readers' current batch and return from :meth:`run`."""
-        self._stop.set()
-        if self._running:
-            await self._done.wait()
+        await self._guard.stop()
 
     # ------------------------------------------------------------------ metrics
     def metrics_snapshot(self) -> dict[str, float]:

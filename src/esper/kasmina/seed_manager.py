@@ -114,17 +114,15 @@ class KasminaSeedManager(KernelAcquisition):
         self._unbind(ctx)
         ctx.isolation_violations = 0
         evicted = bool(blueprint_id) and self.kernel_cache.evict(blueprint_id)
+        retired = {
+            "seed_id": seed_id,
+            "blueprint_id": blueprint_id,
+            "reason": reason,
+            "evicted": str(evicted).lower(),
+        }
         now = self._clock()
         if ctx.stage == _L.SEED_STAGE_EMBARGOED and now < ctx.embargo_until:
-            self.emit(
-                "seed_retired",
-                INFO,
-                seed_id=seed_id,
-                blueprint_id=blueprint_id,
-                reason=reason,
-                evicted=str(evicted).lower(),
-                embargo_remaining_s=f"{ctx.embargo_until - now:.1f}",
-            )
+            self.emit("seed_retired", INFO, **retired, embargo_remaining_s=f"{ctx.embargo_until - now:.1f}")
             return True
         if ctx.stage == _L.SEED_STAGE_FOSSILIZED:
             self._transition(ctx, _L.SEED_STAGE_TERMINATED)
@@ -136,14 +134,7 @@ class KasminaSeedManager(KernelAcquisition):
             if ctx.stage == _L.SEED_STAGE_EMBARGOED:
                 self._reset(ctx)
         del self._seeds[seed_id]
-        self.emit(
-            "seed_retired",
-            INFO,
-            seed_id=seed_id,
-            blueprint_id=blueprint_id,
-            reason=reason,
-            evicted=str(evicted).lower(),
-        )
+        self.emit("seed_retired", INFO, **retired)
         return True
 
     def pause(self, seed_id: str) -> bool:

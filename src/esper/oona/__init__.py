@@ -4,7 +4,8 @@ Publish with ``OonaClient.publish_*`` (each returns a ``PublishResult``);
 consume with ``client.consumer(stream, handler, types=...)`` (consumer
 group: one replica handles each entry, acked after success, retried, dead
 lettered) or ``client.broadcast(...)`` (every process sees every entry).
-Run a consumer as an owned task and stop it with ``await consumer.stop()``.
+Run a consumer as an owned task and stop it with ``await consumer.stop()``;
+a service running several consumers until a stop event uses ``run_consumers``.
 """
 
 from esper.oona.breaker import CircuitBreaker
@@ -13,6 +14,7 @@ from esper.oona.config import StreamConfig
 from esper.oona.consumer import BroadcastConsumer, GroupConsumer
 from esper.oona.messages import Handler, OonaMessage, PublishResult, RejectMessage, RejectReason
 from esper.oona.metrics import OonaMetrics
+from esper.oona.runner import run_consumers
 
 __all__ = [
     "BroadcastConsumer",
@@ -26,4 +28,5 @@ __all__ = [
     "RejectMessage",
     "RejectReason",
     "StreamConfig",
+    "run_consumers",
 ]

@@ -13,8 +13,8 @@ per ``depth_refresh_ms``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Unpack
 
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
@@ -34,7 +34,8 @@ from esper.oona.metrics import OonaMetrics
 from esper.security.signing import KeyRing
 
 if TYPE_CHECKING:
-    from esper.oona.consumer import BroadcastConsumer, GroupConsumer
+    from esper.oona.broadcast_consumer import BroadcastConsumer, BroadcastOptions
+    from esper.oona.group_consumer import GroupConsumer, GroupOptions
 
 _log = get_logger("esper.oona")
 MT = leyline_pb2
@@ -285,18 +286,7 @@ class OonaClient:
 
     # -- consumers -------------------------------------------------------------------
 
-    def consumer(
-        self,
-        stream: str,
-        handler: Handler,
-        *,
-        types: Collection[int],
-        concurrency: int = 1,
-        batch: int = 16,
-        block_ms: int | None = None,
-        ignore_types: Collection[int] = (),
-        on_acked: Callable[[list[str]], None] | None = None,
-    ) -> GroupConsumer:
+    def consumer(self, stream: str, handler: Handler, **options: Unpack[GroupOptions]) -> GroupConsumer:
         """A consumer-group reader: each entry is handled by one replica, acked on success.
 
         ``types`` are handed to ``handler``; ``ignore_types`` are other types
@@ -304,47 +294,26 @@ class OonaClient:
         for a consumer of system states): they are verified, acked and
         counted as ignored instead of dead-lettered as unexpected.
         ``on_acked`` is called with the entry ids of each XACK, after it.
+        The other options (``concurrency``, ``batch``, ``block_ms``) are
+        described on :class:`~esper.oona.group_consumer.GroupOptions`.
         """
-        from esper.oona.consumer import GroupConsumer
+        from esper.oona.group_consumer import GroupConsumer
 
-        return GroupConsumer(
-            self,
-            stream,
-            handler,
-            types=types,
-            concurrency=concurrency,
-            batch=batch,
-            block_ms=block_ms,
-            ignore_types=ignore_types,
-            on_acked=on_acked,
-        )
+        return GroupConsumer(self, stream, handler, **options)
 
     def broadcast(
-        self,
-        stream: str,
-        handler: Handler,
-        *,
-        types: Collection[int],
-        start_id: str = "$",
-        batch: int = 64,
-        block_ms: int | None = None,
-        ignore_types: Collection[int] = (),
+        self, stream: str, handler: Handler, **options: Unpack[BroadcastOptions]
     ) -> BroadcastConsumer:
-        """A reader that sees every entry of ``stream``, independent of groups and of other readers."""
-        from esper.oona.consumer import BroadcastConsumer
+        """A reader that sees every entry of ``stream``, independent of groups and of other readers.
 
-        return BroadcastConsumer(
-            self,
-            stream,
-            handler,
-            types=types,
-            start_id=start_id,
-            batch=batch,
-            block_ms=block_ms,
-            ignore_types=ignore_types,
-        )
+        Options (``types``, ``start_id``, ``batch``, ``block_ms``,
+        ``ignore_types``): :class:`~esper.oona.broadcast_consumer.BroadcastOptions`.
+        """
+        from esper.oona.broadcast_consumer import BroadcastConsumer
 
-    # -- consumer write paths (used by consumer.py) ----------------------------------
+        return BroadcastConsumer(self, stream, handler, **options)
+
+    # -- consumer write paths (used by the consumers) ----------------------------------
 
     async def dead_letter(
         self,

@@ -45,8 +45,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from esper.core import get_logger
+from esper.core.tasks import RunGuard
 from esper.leyline import leyline_pb2
-from esper.oona import GroupConsumer, OonaClient, OonaMessage, PublishResult, RejectMessage
+from esper.oona import GroupConsumer, OonaClient, OonaMessage, PublishResult, RejectMessage, run_consumers
 from esper.tamiyo.controller import TamiyoController
 from esper.tamiyo.simic import SimicRun
 
@@ -96,9 +97,7 @@ class TamiyoService:
         self._pending_capacity = max(1, pending_capacity)
         self._unpublished: OrderedDict[str, _Unpublished] = OrderedDict()
         self._counts: Counter[str] = Counter()
-        self._stop = asyncio.Event()
-        self._done = asyncio.Event()
-        self._running = False
+        self._guard = RunGuard("service")
         config = client.config
         self.state_consumer: GroupConsumer = client.consumer(
             config.normal_stream, self.handle_state, types={_STATE}, ignore_types={_COMMAND, _REPORT}
@@ -190,36 +189,31 @@ class TamiyoService:
         is alive; a consumer that fails for a non-transient reason ends
         ``run`` with its error, for the supervisor to restart).
         """
-        if self._running:
-            raise RuntimeError("service is already running")
-        self._running = True
-        self._done.clear()
-        self._stop.clear()
-        stops = (self._stop,) if stop_event is None else (self._stop, stop_event)
-        try:
+        with self._guard.running_scope():
             config = self.client.config
             await self.client.ensure_group(config.normal_stream)
             await self.client.ensure_group(config.policy_stream)
-            async with asyncio.TaskGroup() as group:
-                group.create_task(self.state_consumer.run(), name="tamiyo-states")
-                group.create_task(self.policy_consumer.run(), name="tamiyo-policy")
+
+            def started() -> None:
                 if on_ready is not None:
                     on_ready()
                 _LOG.info("tamiyo.service_running", group=config.group)
-                while not await _wait_first(stops, self.heartbeat_interval_s):
-                    if heartbeat is not None:
-                        heartbeat()
-                await self.state_consumer.stop()
-                await self.policy_consumer.stop()
-        finally:
-            self._running = False
-            self._done.set()
+
+            async def beat() -> None:
+                if heartbeat is not None:
+                    heartbeat()
+
+            await run_consumers(
+                {"tamiyo-states": self.state_consumer, "tamiyo-policy": self.policy_consumer},
+                self._guard.stops(stop_event),
+                on_ready=started,
+                tick_s=self.heartbeat_interval_s,
+                on_tick=beat,
+            )
 
     async def stop(self) -> None:
         """Let the batches in flight finish and be acked, then return from :meth:`run`."""
-        self._stop.set()
-        if self._running:
-            await self._done.wait()
+        await self._guard.stop()
 
     @property
     def consumers(self) -> tuple[GroupConsumer, GroupConsumer]:
@@ -244,19 +238,6 @@ class TamiyoService:
     def count(self, name: str) -> int:
         """One raw counter, e.g. ``"commands_published"`` or ``"policy_updates_rejected.stale_version"``."""
         return self._counts[name]
-
-
-async def _wait_first(events: tuple[asyncio.Event, ...], limit_s: float) -> bool:
-    if any(e.is_set() for e in events):
-        return True
-    waiters = [asyncio.ensure_future(e.wait()) for e in events]
-    try:
-        done, _ = await asyncio.wait(waiters, timeout=limit_s, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
-        await asyncio.gather(*waiters, return_exceptions=True)
-    return bool(done)
 
 
 async def publish_simic_update(client: OonaClient, run: SimicRun) -> PublishResult:

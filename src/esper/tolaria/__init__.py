@@ -17,16 +17,10 @@ Public API::
 from esper.tolaria.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from esper.tolaria.data import DataSplits, load_digits_splits
 from esper.tolaria.model import DEFAULT_SLOTS, SLOT_POINTS, build_host_model
-from esper.tolaria.trainer import (
-    CommandRecord,
-    EpochResult,
-    SeedManager,
-    SeedSummary,
-    Service,
-    TolariaTrainer,
-    TrainingConfig,
-    packet_priority,
-)
+from esper.tolaria.packets import packet_priority
+from esper.tolaria.protocols import SeedManager, Service
+from esper.tolaria.records import CommandRecord, EpochResult, SeedSummary, TrainingConfig
+from esper.tolaria.trainer import TolariaTrainer
 
 __all__ = [
     "DEFAULT_SLOTS",
