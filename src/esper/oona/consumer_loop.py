@@ -54,11 +54,6 @@ def decode_entries(raw: Any) -> list[Entry]:
     return out
 
 
-def _being_cancelled() -> bool:
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
-
-
 class ConsumerLoop:
     """Shared run/stop/reconnect machinery; ``options`` are checked against ``allowed``."""
 
@@ -97,7 +92,9 @@ class ConsumerLoop:
         self.reconnects = 0
         #: Loop turns so far; a supervisor watchdog sees a stuck handler as no progress.
         self.iterations = 0
-        self._read: asyncio.Future[Any] | None = None
+        #: The task parked in a blocking read (only while it is parked there).
+        self._reader: asyncio.Task[Any] | None = None
+        self._abandoning = False
 
     async def stop(self) -> None:
         """Ask ``run`` to finish: the current batch completes and is acked, then ``run`` returns.
@@ -108,8 +105,9 @@ class ConsumerLoop:
         those of a crashed one: never lost.)
         """
         self._stop.set()
-        if self._read is not None and not self._read.done():
-            self._read.cancel()
+        if self._reader is not None and not self._abandoning:
+            self._abandoning = True
+            self._reader.cancel()
         await self._guard.wait_stopped()
 
     async def _unless_stopped(self, waiting: Awaitable[Any]) -> bool:
@@ -126,20 +124,26 @@ class ConsumerLoop:
         return wait.done() and not wait.cancelled() and not self._stop.is_set()
 
     async def _blocking_read(self, read: Callable[[], Awaitable[Any]]) -> Any:
-        """Await a blocking XREAD/XREADGROUP that ``stop()`` may abandon (then: no entries)."""
+        """Await a blocking XREAD/XREADGROUP that ``stop()`` may abandon (then: no entries).
+
+        The read runs in the consumer's own task (no extra task per read: this
+        is the hot path); ``stop()`` cancels that task only while it is parked
+        here, and the cancellation is taken back unless someone else also
+        cancelled the task.
+        """
         if self._stop.is_set():
             return None
-        task = asyncio.ensure_future(read())
-        self._read = task
+        task = asyncio.current_task()
+        self._reader = task
         try:
-            return await asyncio.shield(task)
+            return await read()
         except asyncio.CancelledError:
-            if task.cancelled() and self._stop.is_set() and not _being_cancelled():
+            if self._abandoning and task is not None and task.uncancel() == 0:
                 return None
-            task.cancel()
             raise
         finally:
-            self._read = None
+            self._reader = None
+            self._abandoning = False
 
     async def _read_and_process(self, read: Callable[[], Awaitable[Any]]) -> None:
         """One blocking read, its entries handed to ``_process`` stream by stream."""
