@@ -10,7 +10,6 @@ once, then fall back) and the fallback chain (``BP001`` then
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 
 from torch import nn
@@ -248,14 +247,9 @@ class KernelAcquisition(SeedManagerCore):
             else:
                 ctx.pending = None
                 self._fallback(ctx, "prefetch_timeout")
-        if not can_send and any(c.pending is not None and c.pending.retry_due for c in self._seeds.values()):
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                return expired  # sent by the next expire_pending()/handle_command(); else times out again
-            task = loop.create_task(self._flush_retries())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        # Retries found by the synchronous path (``step()``) are sent by the next
+        # ``expire_pending()`` or command, both awaited by their owners; a
+        # retry never runs as an unowned background task.
         return expired
 
     async def _flush_retries(self) -> None:

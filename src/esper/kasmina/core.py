@@ -24,7 +24,6 @@ command) it is reset (RESETTING, G5) to DORMANT and may be germinated again.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -124,7 +123,6 @@ class SeedManagerCore:
         self._events: BoundedBuffer[TelemetryEvent] = BoundedBuffer(event_buffer_size)
         self._packets: BoundedBuffer[leyline_pb2.TelemetryPacket] = BoundedBuffer(telemetry_buffer_size)
         self._packet_counter = 0
-        self._tasks: set[asyncio.Task[None]] = set()
         self.rejections: Counter[str] = Counter()
         self.ignored_commands = 0
         self.accepted_commands = 0
