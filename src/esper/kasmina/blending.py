@@ -5,7 +5,7 @@ and exactly 1.0 once k >= total (the sigmoid never quite reaches 1, and a seed
 that has finished blending must own its full share of the output). With the
 defaults (20 steps, temperature 2) alpha is ~0.011 after one step, 0.5 after 10
 and snaps to 1.0 at 20, so the blend is visible over many training steps
-instead of the anchor's single-command jump to PROBATIONARY.
+instead of esper-lite v1's single-command jump to PROBATIONARY.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Kasmina's kernel-fetch circuit breaker (reference §5.1: 3 failures, 60 s open, 2 successes).
+"""Kasmina's kernel-fetch circuit breaker (3 failures, 60 s open, 2 successes).
 
 It guards the kernel acquisition path only: when kernels keep failing,
 timing out or arriving over the latency budget, new grafts go straight to the

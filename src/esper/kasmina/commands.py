@@ -1,4 +1,4 @@
-"""Dispatch of verified adaptation commands (reference §5.4).
+"""Dispatch of verified adaptation commands.
 
 Only called after :class:`~esper.kasmina.verification.CommandVerifier` has
 accepted the command. Returns ``""`` when applied, else the rejection reason

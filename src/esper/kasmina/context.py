@@ -1,6 +1,6 @@
 """Per-seed state kept by the manager.
 
-Typed fields instead of the anchor's string metadata dict, so nothing
+Typed fields instead of esper-lite v1's string metadata dict, so nothing
 (telemetry in particular) can quietly overwrite a value a gate reads.
 """
 

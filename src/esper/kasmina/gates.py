@@ -1,7 +1,7 @@
-"""Lifecycle gates G0-G5 (reference §5.3), as pure functions of a seed's state.
+"""Lifecycle gates G0-G5, as pure functions of a seed's state.
 
-The anchor's G4 read a ``performance_status`` that *telemetry building*
-overwrote (weakness 22), so merely observing the manager changed what the
+Esper-lite v1's G4 read a ``performance_status`` that *telemetry building*
+overwrote, so merely observing the manager changed what the
 next gate decided. Here the manager snapshots the facts into
 :class:`GateInputs` and :func:`evaluate_gate` only reads them: evaluating a
 gate, or building telemetry, never changes state.

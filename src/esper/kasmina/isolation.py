@@ -3,8 +3,8 @@
 The slot's blend detaches the seed input, so by construction the seed branch
 has no path into host parameters. Construction can still be defeated by the
 kernel itself: it may *share* a host parameter (tied weights, a host layer
-reused inside the kernel) or *capture* one in a closure. The anchor paired
-gradients by parameter id and never called its ``verify()`` (weakness 23);
+reused inside the kernel) or *capture* one in a closure. Esper-lite v1 paired
+gradients by parameter id and never called its ``verify()``;
 here two checks actually run:
 
 * :func:`shared_parameters` (static, at attach and on every verification):

@@ -1,7 +1,7 @@
 """An LRU of kernel *prototypes* keyed by blueprint id that never shares an instance.
 
-The anchor's GPU cache handed the same module object to every seed using a
-blueprint (weakness 24): two seeds then trained one set of weights, and any
+Esper-lite v1's GPU cache handed the same module object to every seed using a
+blueprint: two seeds then trained one set of weights, and any
 kernel with parameters collided in the parameter registry. Here the cache
 keeps a private prototype and :meth:`KernelCache.get` returns a deep copy, so
 every seed owns its weights. The prototype is copied on the way in too, so a

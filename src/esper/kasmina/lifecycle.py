@@ -1,7 +1,7 @@
-"""The seed lifecycle of reference §5.2, with illegal moves reported, never swallowed.
+"""The seed lifecycle of esper-lite v1, with illegal moves reported, never swallowed.
 
-The anchor's manager wrapped every transition in a blanket ``except`` so an
-illegal move silently did nothing (weakness 17) and the seed carried on in a
+Esper-lite v1's manager wrapped every transition in a blanket ``except`` so an
+illegal move silently did nothing and the seed carried on in a
 state nobody had agreed to. Here an illegal move calls the ``on_illegal``
 hook (the manager turns it into an ``illegal_transition`` event) and then
 raises :class:`IllegalTransition`, so the bug is both visible in telemetry
@@ -51,7 +51,7 @@ def stage_name(stage: Stage) -> str:
 
 
 class IllegalTransition(ValueError):
-    """A lifecycle move that reference §5.2 does not allow."""
+    """A lifecycle move that esper-lite v1 does not allow."""
 
     def __init__(self, seed_id: str, current: Stage, target: Stage) -> None:
         super().__init__(

@@ -8,7 +8,7 @@ Request → reply, matched by ``request_id``::
                                               ──▶ manager.attach_kernel(..., load_ms, source="bus")
     oona.kernels.errors  KernelArtifactError ──▶ manager.kernel_failed(..., reason)
 
-Fixes against the anchor (reference §5.10, weaknesses 8, 19, 20):
+Differences from esper-lite v1:
 
 * the publish result is checked: a refused or timed-out publish is reported
   at once through ``kernel_failed(reason="publish_<reason>")`` (counted),

@@ -5,7 +5,7 @@ answer arrives through the manager's :class:`KernelSink` methods
 (``attach_kernel`` or ``kernel_failed``), possibly much later, which is how a
 bus round trip behaves. The seed waits in GERMINATED meanwhile, guarded by the
 manager's prefetch timeout (``expire_pending``), so a lost request can no
-longer strand it (weakness 19).
+longer strand it.
 
 :class:`LocalKernelProvider` answers synchronously from an in-process
 ``BlueprintRuntime`` (``fetch_kernel(id) -> (module, latency_ms)``): tests and

@@ -103,7 +103,7 @@ class KasminaSeedManager(KernelAcquisition):
     def retire(self, seed_id: str, reason: str = "retired") -> bool:
         """Remove a seed and its kernel, evicting its blueprint from the kernel cache.
 
-        The blueprint id is read *before* anything is cleared (weakness 25).
+        The blueprint id is read *before* anything is cleared.
         A seed still under embargo is cleaned but stays EMBARGOED until the
         embargo passes, so retiring cannot be used to dodge an embargo.
         """
@@ -194,7 +194,7 @@ class KasminaSeedManager(KernelAcquisition):
 
     # -------------------------------------------------------------- command intake
     async def handle_command(self, command: leyline_pb2.AdaptationCommand) -> CommandResult:
-        """Verify, then dispatch (reference §5.4). Rejections change nothing but counters."""
+        """Verify, then dispatch. Rejections change nothing but counters."""
         self._housekeeping(self._clock())
         await self._flush_retries()
         reason = self.verifier.verify(command)

@@ -3,9 +3,9 @@
 Priority is derived from the events *in that packet only* (CRITICAL event ->
 CRITICAL; WARNING or ERROR -> HIGH; else NORMAL). Nothing carries over to the
 next packet, so one bad moment cannot pin Kasmina to the emergency stream
-(the anchor's never-reset violation counter did exactly that, weaknesses 1
-and 21). The buffer is a bounded deque that counts what it had to drop,
-instead of the anchor's unbounded list.
+(esper-lite v1's never-reset violation counter did exactly that). The
+buffer is a bounded deque that counts what it had to drop,
+instead of esper-lite v1's unbounded list.
 """
 
 from __future__ import annotations

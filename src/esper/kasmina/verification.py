@@ -1,8 +1,8 @@
-"""Adaptation-command verification (reference §5.8), freshness *before* the nonce.
+"""Adaptation-command verification, freshness *before* the nonce.
 
 Order: signature, command id, issued_at present, not from the future, fresh,
-and only then the replay ledger. The anchor recorded the nonce before the
-timestamp checks (weakness 27), so a stale or future-dated copy burned the id
+and only then the replay ledger. Esper-lite v1 recorded the nonce before the
+timestamp checks, so a stale or future-dated copy burned the id
 and the genuine, fresh command was later rejected as a replay. Recording the
 nonce last means only a command that passed every other check consumes its
 id. The ledger uses the monotonic clock, so wall-clock jumps cannot expire

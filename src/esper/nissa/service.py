@@ -9,7 +9,7 @@
   each counted;
 * ``oona.emergency`` - whatever was published at HIGH/CRITICAL priority
   (telemetry, states, ...), handled exactly like on the other streams
-  (the anchor never read it: weakness 42).
+  (esper-lite v1 never read it).
 
 Entries that fail verification (signature, envelope, type, freshness,
 replay) never reach Nissa: Oona dead-letters them with a reason. A

@@ -12,13 +12,13 @@ Per packet:
    ``COMMAND_OPTIMIZER``; PAUSE → ``COMMAND_PAUSE``; NO_OP → nothing.
 3. Risk rules, in order: unknown blueprint → no command (``bp_unknown``);
    quarantine-only or risk ≥ ``max_blueprint_risk`` → PAUSE with the seed
-   payload *cleared* (``bp_quarantine``; weakness 33: the anchor kept it);
+   payload *cleared* (``bp_quarantine``; esper-lite v1 kept it);
    loss spike (> ``max_loss_spike``) or conservative mode → PAUSE
    (``pause_triggered``). A spike with no command in hand pauses the seed
    being grafted, if there is one.
-4. ``issued_at`` is the wall clock now (weakness 33), annotations carry
+4. ``issued_at`` is the wall clock now, annotations carry
    ``training_run_id`` (so Kasmina can route it) and the policy/blueprint
-   context, and the command is signed last (weakness 30).
+   context, and the command is signed last.
 5. The previous command of the run, if any, is closed with a FieldReport
    judged on how validation loss moved, and appended to the store.
 """

@@ -4,14 +4,13 @@ Record format (little-endian)::
 
     u32 length | length bytes of serialized FieldReport | u32 CRC32(payload)
 
-The anchor's log had only the length prefix and stopped *silently* at the
+Esper-lite v1's log had only the length prefix and stopped *silently* at the
 first bad record, so a torn tail made every later append unreadable. Here
 the CRC detects torn or garbled records, loading stops at the first bad one,
 **truncates** the file there (so later appends land after valid data) and
 logs how many bytes were dropped. Each append is fsynced. Retention (by the
 report's ``issued_at``) rewrites through a temp file, fsync, rename and a
-directory fsync. Report ids are uuid4 hex, never derived from a count
-(weakness 35), so pruning cannot make ids collide.
+directory fsync. Report ids are uuid4 hex, never derived from a count, so pruning cannot make ids collide.
 """
 
 from __future__ import annotations
@@ -202,7 +201,7 @@ class FieldReportStore:
         """Drop reports issued before ``now - retention``; returns how many.
 
         A report without ``issued_at`` is kept (treated as issued now), as at
-        the anchor; Tamiyo always stamps the reports it creates.
+        esper-lite v1; Tamiyo always stamps the reports it creates.
         """
         cutoff_ns = int(((self._clock() if now is None else now) - self.retention_hours * 3600.0) * 1e9)
         with self._lock:

@@ -4,7 +4,7 @@ Tamiyo sits beside Kasmina in the layer stack and must not care whether
 descriptors come from Urza, Karn or a static table, so it depends only on
 :class:`BlueprintMetadataSource`. Lookups happen on every germination
 decision, so :class:`CachedBlueprintMetadata` keeps answers for a TTL
-(5 minutes, as at the anchor) in a bounded LRU; unknown ids are *not* cached,
+(5 minutes, as in esper-lite v1) in a bounded LRU; unknown ids are *not* cached,
 so a blueprint registered a moment later is seen on the next decision.
 """
 

@@ -1,7 +1,7 @@
 """Policy weights on the wire and on disk: safetensors only, never pickle.
 
-The anchor shipped policies as ``torch.save`` pickles and loaded them with
-``torch.load`` (weakness 31), so anyone able to publish on the policy stream
+Esper-lite v1 shipped policies as ``torch.save`` pickles and loaded them with
+``torch.load``, so anyone able to publish on the policy stream
 could run code inside the control plane. Here a payload is a safetensors
 blob: an 8-byte little-endian header length, a JSON header naming each
 tensor's dtype, shape and byte range, then raw tensor bytes. Parsing it is

@@ -1,7 +1,7 @@
 """TamiyoPolicy: the small network that proposes one adaptation per epoch.
 
 The network is deliberately tiny and free of stochastic layers: decisions
-must be reproducible (weakness 35: the anchor left dropout active in train
+must be reproducible (esper-lite v1 left dropout active in train
 mode), so :meth:`TamiyoPolicy.decide` always runs in eval mode under
 ``torch.no_grad`` and weights are initialised from an explicit seed with a
 private generator (never the global RNG), making two fresh processes with

@@ -1,6 +1,6 @@
 """Accepting or rejecting policy updates, and resuming the last accepted policy.
 
-Rules (weakness 31 — the anchor took any pickle, any version, ``strict=False``):
+Rules (esper-lite v1 took any pickle, any version, ``strict=False``):
 
 * **Version.** The monotonic policy version is ``int(update.tamiyo_policy_version)``
   when that string is set (decimal digits only), otherwise ``update.version``.

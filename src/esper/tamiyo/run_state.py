@@ -1,7 +1,7 @@
 """Per-training-run memory and seed bookkeeping for the controller.
 
 Loss trends and field reports need the previous epoch of the *same* run (the
-anchor kept one global "previous loss", so two runs corrupted each other's
+esper-lite v1 kept one global "previous loss", so two runs corrupted each other's
 spike detection). Runs come and go, so the table is an LRU with a fixed
 capacity. Seed helpers read only ``state.seed_states``: Kasmina is the
 authority on which seeds exist and in which stage.

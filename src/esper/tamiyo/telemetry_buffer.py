@@ -1,7 +1,7 @@
 """A bounded outbox for telemetry packets.
 
-The anchor appended every packet to an unbounded list and republished all of
-it on each flush (weakness 34). This keeps at most ``capacity`` packets,
+Esper-lite v1 appended every packet to an unbounded list and republished all of
+it on each flush. This keeps at most ``capacity`` packets,
 drops the *oldest* when full (fresh health matters more than history),
 counts what it dropped so the loss is visible, and hands packets out exactly
 once through :meth:`drain`.

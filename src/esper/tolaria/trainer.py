@@ -11,7 +11,7 @@ One epoch (:meth:`TolariaTrainer.run_epoch`):
    optimizer step; the gradient norm is the true global L2 norm over host and
    seed gradients of each step (the epoch reports their mean);
 3. evaluate on the **held-out** split: real validation loss and accuracy
-   (never training numbers, never forced: weakness 45);
+   (never training numbers, never forced);
 4. checkpoint atomically (when ``checkpoint_dir`` is set);
 5. publish a ``SystemStatePacket`` on ``oona.normal``, a ``tolaria``
    telemetry packet, and every Kasmina telemetry packet at its own priority

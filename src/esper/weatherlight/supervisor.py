@@ -1,6 +1,6 @@
 """A small OTP-style supervisor for the service's long-running asyncio workers.
 
-Why this exists (anchor weaknesses 36-41): the original wrapper never reset
+Why this exists: the original wrapper never reset
 its backoff, never restarted a cleanly returning worker, had no watchdog, no
 intensity limit, and cancelled everything at once with no deadline. Here each
 worker has a restart policy, an exponential backoff that resets after a

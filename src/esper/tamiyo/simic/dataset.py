@@ -2,7 +2,7 @@
 
 Each usable report says: in this state (features) the policy took this
 action (and blueprint), and this is how it went. Rewards use only the real
-``FieldReportOutcome`` values (weakness 44: the anchor referenced a
+``FieldReportOutcome`` values (esper-lite v1 referenced a
 nonexistent DEGRADED outcome): SUCCESS +1, NEUTRAL 0, REGRESSION -1,
 ABORTED -1, plus ``-loss_delta`` when the report's metrics carry it.
 UNSPECIFIED or unknown outcomes are skipped, not guessed.
