@@ -37,7 +37,7 @@ from esper.weatherlight.supervisor import BackoffPolicy, ShutdownResult, WorkerC
 
 SECRET = "test-secret-for-esper-lite-0123456789"
 LIMIT_S = 20.0  # generous: the machine may be shared; every wait ends as soon as its condition holds
-#: The documented boot order with an external Redis (platform spec §7; service.py docstring).
+#: The documented boot order with an external Redis (see the service.py docstring).
 BOOT_ORDER = [
     "http",
     "oona_groups",
