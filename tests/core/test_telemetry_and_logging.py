@@ -72,3 +72,17 @@ def test_console_logging_respects_level(capsys: pytest.CaptureFixture[str]) -> N
     err = capsys.readouterr().err
     assert "loud" in err
     assert "quiet" not in err
+
+
+def test_indicated_priority_reads_the_packet_own_indicator() -> None:
+    from esper.core.telemetry import indicated_priority
+
+    def packet(value: str | None) -> leyline_pb2.TelemetryPacket:
+        return build_telemetry_packet(
+            source="x", health_indicators=None if value is None else {"priority": value}
+        )
+
+    assert indicated_priority(packet(None)) == leyline_pb2.MESSAGE_PRIORITY_NORMAL
+    assert indicated_priority(packet("high")) == leyline_pb2.MESSAGE_PRIORITY_HIGH
+    assert indicated_priority(packet("MESSAGE_PRIORITY_CRITICAL")) == leyline_pb2.MESSAGE_PRIORITY_CRITICAL
+    assert indicated_priority(packet("urgent!")) == leyline_pb2.MESSAGE_PRIORITY_NORMAL

@@ -66,3 +66,23 @@ def build_telemetry_packet(
     if health_indicators:
         packet.system_health.indicators.update(health_indicators)
     return packet
+
+
+#: ``system_health.indicators`` key in which a packet names the priority it wants.
+PRIORITY_INDICATOR = "priority"
+
+
+def indicated_priority(packet: leyline_pb2.TelemetryPacket) -> leyline_pb2.MessagePriority.ValueType:
+    """The priority a packet asks for (``HIGH`` or ``MESSAGE_PRIORITY_HIGH``); NORMAL if absent or invalid.
+
+    Forwarders (Tolaria for Kasmina's packets, Weatherlight for its warmer's)
+    publish each packet at this priority, so urgency is decided per packet.
+    """
+    raw = packet.system_health.indicators.get(PRIORITY_INDICATOR, "").strip().upper()
+    if not raw:
+        return leyline_pb2.MESSAGE_PRIORITY_NORMAL
+    name = raw if raw.startswith("MESSAGE_PRIORITY_") else f"MESSAGE_PRIORITY_{raw}"
+    try:
+        return leyline_pb2.MessagePriority.Value(name)
+    except ValueError:
+        return leyline_pb2.MESSAGE_PRIORITY_NORMAL

@@ -13,13 +13,13 @@ import gc
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from esper.core.telemetry import TelemetryEvent, TelemetryMetric, build_telemetry_packet
+from esper.core.telemetry import PRIORITY_INDICATOR, TelemetryEvent, TelemetryMetric, build_telemetry_packet
 from esper.kasmina.acquisition import KernelAcquisition
 from esper.kasmina.commands import dispatch_command
 from esper.kasmina.context import SeedContext
 from esper.kasmina.core import CRITICAL, INFO, WARNING
 from esper.kasmina.lifecycle import ACTIVE_STAGES, stage_name
-from esper.kasmina.telemetry import PRIORITY_INDICATOR, packet_level, packet_priority, priority_name
+from esper.kasmina.telemetry import packet_level, packet_priority, priority_name
 from esper.leyline import leyline_pb2
 
 _L = leyline_pb2

@@ -17,7 +17,6 @@ from typing import Generic, TypeVar
 from esper.core.telemetry import TelemetryEvent
 from esper.leyline import leyline_pb2
 
-PRIORITY_INDICATOR = "priority"
 _T = TypeVar("_T")
 
 

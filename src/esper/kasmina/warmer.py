@@ -21,7 +21,7 @@ from collections import Counter as Tally
 from collections import deque
 
 from esper.core.logs import get_logger
-from esper.core.telemetry import TelemetryEvent, TelemetryMetric, build_telemetry_packet
+from esper.core.telemetry import PRIORITY_INDICATOR, TelemetryEvent, TelemetryMetric, build_telemetry_packet
 from esper.leyline import leyline_pb2
 from esper.oona import GroupConsumer, OonaClient, OonaMessage
 from esper.urza import UrzaError, UrzaLibrary
@@ -121,7 +121,7 @@ class KernelWarmer:
             ],
             health_status=leyline_pb2.HEALTH_STATUS_HEALTHY if ok else leyline_pb2.HEALTH_STATUS_DEGRADED,
             health_summary="warm" if ok else reason,
-            health_indicators={"priority": "NORMAL" if ok else "HIGH"},
+            health_indicators={PRIORITY_INDICATOR: "NORMAL" if ok else "HIGH"},
         )
         if len(self._packets) == self._packets.maxlen:
             self.telemetry_dropped += 1

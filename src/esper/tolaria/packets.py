@@ -12,13 +12,18 @@ from typing import Any
 
 import torch
 
-from esper.core.telemetry import TelemetryEvent, TelemetryMetric, build_telemetry_packet
+from esper.core.telemetry import (
+    PRIORITY_INDICATOR,
+    TelemetryEvent,
+    TelemetryMetric,
+    build_telemetry_packet,
+    indicated_priority,
+)
 from esper.leyline import leyline_pb2
 from esper.tolaria.protocols import SeedManager
 from esper.tolaria.records import LIVE_STAGES, CommandRecord, EpochMeasures, SeedSummary
 
 _L = leyline_pb2
-PRIORITY_INDICATOR = "priority"
 
 
 def enum_name(enum: Any, value: int) -> str:
@@ -140,18 +145,6 @@ def telemetry_packet(
     )
 
 
-def packet_priority(packet: leyline_pb2.TelemetryPacket) -> leyline_pb2.MessagePriority.ValueType:
-    """The ``priority`` health indicator (``HIGH`` or ``MESSAGE_PRIORITY_HIGH``); NORMAL if absent."""
-    raw = packet.system_health.indicators.get(PRIORITY_INDICATOR, "").strip().upper()
-    if not raw:
-        return _L.MESSAGE_PRIORITY_NORMAL
-    name = raw if raw.startswith("MESSAGE_PRIORITY_") else f"MESSAGE_PRIORITY_{raw}"
-    try:
-        return _L.MessagePriority.Value(name)
-    except ValueError:
-        return _L.MESSAGE_PRIORITY_NORMAL
-
-
 def _hardware_context(device: torch.device) -> leyline_pb2.HardwareContext:
     context = leyline_pb2.HardwareContext(device_type=device.type, device_id=str(device.index or 0))
     if device.type == "cuda" and torch.cuda.is_available():
@@ -167,3 +160,7 @@ def _hardware_context(device: torch.device) -> leyline_pb2.HardwareContext:
     except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX hosts
         pass
     return context
+
+
+#: Kept under Tolaria's public name; the one implementation lives in ``esper.core.telemetry``.
+packet_priority = indicated_priority

@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 from esper.core.http_server import HealthServer
 from esper.core.logs import get_logger
 from esper.core.settings import EsperSettings
+from esper.core.telemetry import indicated_priority
 from esper.kasmina.warmer import KernelWarmer
 from esper.leyline import leyline_pb2
 from esper.oona import OonaClient, OonaMessage, OonaMetrics, StreamConfig
@@ -44,7 +45,7 @@ from esper.weatherlight.supervisor import (
     WorkerContext,
     WorkerSpec,
 )
-from esper.weatherlight.telemetry import build_weatherlight_packet, packet_priority
+from esper.weatherlight.telemetry import build_weatherlight_packet
 from esper.weatherlight.workers import run_components, run_once, run_periodically
 
 _log = get_logger("esper.weatherlight")
@@ -246,16 +247,13 @@ class WeatherlightService:
     async def publish_telemetry(self) -> None:
         """Publish the service packet and Oona's, then forward Kasmina's at their own priority."""
         client = self._client("service")
+        snapshot = self.supervisor.snapshot()
         packet = build_weatherlight_packet(
-            self.supervisor.snapshot(),
-            breaker_states=self.breaker_states(),
-            extra_metrics=self.component_metrics(),
+            snapshot, breaker_states=self.breaker_states(), extra_metrics=self.component_metrics()
         )
+        # A failed worker is urgent; backing off or an open breaker is only degraded.
         priority = (
-            leyline_pb2.MESSAGE_PRIORITY_HIGH
-            if packet.system_health.status == leyline_pb2.HEALTH_STATUS_DEGRADED
-            and self.supervisor.snapshot()["failed"]
-            else leyline_pb2.MESSAGE_PRIORITY_NORMAL
+            leyline_pb2.MESSAGE_PRIORITY_HIGH if snapshot["failed"] else leyline_pb2.MESSAGE_PRIORITY_NORMAL
         )
         results = [
             await client.publish_telemetry(packet, priority=priority),
@@ -263,7 +261,9 @@ class WeatherlightService:
         ]
         if self.warmer is not None:
             for forwarded in self.warmer.drain_telemetry():
-                results.append(await client.publish_telemetry(forwarded, priority=packet_priority(forwarded)))
+                results.append(
+                    await client.publish_telemetry(forwarded, priority=indicated_priority(forwarded))
+                )
         failed = [r.reason for r in results if not r.ok]
         if failed:
             _log.warning(

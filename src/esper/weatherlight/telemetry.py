@@ -85,12 +85,3 @@ def build_weatherlight_packet(
             "built_at": f"{time.time():.3f}",
         },
     )
-
-
-def packet_priority(packet: leyline_pb2.TelemetryPacket) -> leyline_pb2.MessagePriority.ValueType:
-    """The priority a packet asks for in its ``priority`` indicator (NORMAL when absent or invalid)."""
-    name = packet.system_health.indicators.get("priority", "NORMAL").upper()
-    try:
-        return leyline_pb2.MessagePriority.Value(f"MESSAGE_PRIORITY_{name}")
-    except ValueError:
-        return leyline_pb2.MESSAGE_PRIORITY_NORMAL
