@@ -16,7 +16,6 @@ The bus-facing :class:`KasminaPrefetchCoordinator` implements
 """
 
 from esper.kasmina.blending import AlphaSchedule
-from esper.kasmina.breaker import KasminaCircuitBreaker
 from esper.kasmina.context import SeedContext
 from esper.kasmina.gates import GateInputs, GateResult, evaluate_gate
 from esper.kasmina.intake import KasminaCommandIntake
@@ -39,7 +38,6 @@ __all__ = [
     "GateResult",
     "IllegalTransition",
     "IsolationReport",
-    "KasminaCircuitBreaker",
     "KasminaCommandIntake",
     "KasminaPrefetchCoordinator",
     "KasminaSeedManager",

@@ -33,10 +33,10 @@ from typing import TypeAlias, cast
 import torch
 from torch import nn
 
+from esper.core.breaker import CircuitBreaker
 from esper.core.logs import get_logger
 from esper.core.telemetry import TelemetryEvent
 from esper.kasmina.blending import AlphaSchedule
-from esper.kasmina.breaker import KasminaCircuitBreaker
 from esper.kasmina.context import SeedContext
 from esper.kasmina.gates import Gate, GateInputs, GateResult, evaluate_gate
 from esper.kasmina.isolation import IsolationReport, shared_parameters
@@ -101,7 +101,10 @@ class SeedManagerCore:
         self.training_steps = training_steps
         self.shadowing_steps = shadowing_steps
         self._clock = clock
-        self.breaker = KasminaCircuitBreaker(clock=clock)
+        # 3 failures open it for 60 s; 2 successes while half-open close it (esper-lite v1 values).
+        self.breaker = CircuitBreaker(
+            "kasmina.kernels", failure_threshold=3, success_threshold=2, open_s=60.0, clock=clock
+        )
         self.kernel_cache = KernelCache(kernel_cache_capacity)
         self.verifier = CommandVerifier(
             keys,
