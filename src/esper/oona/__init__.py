@@ -1,32 +1,41 @@
-"""Oona: the signed, loss-free message bus on Redis Streams.
+"""Oona: the signed bus on Redis Streams, built around subscriptions.
 
-Publish with ``OonaClient.publish_*`` (each returns a ``PublishResult``);
-consume with ``client.consumer(stream, handler, types=...)`` (consumer
-group: one replica handles each entry, acked after success, retried, dead
-lettered) or ``client.broadcast(...)`` (every process sees every entry).
-Run a consumer as an owned task and stop it with ``await consumer.stop()``;
-a service running several consumers until a stop event uses ``run_consumers``.
+Publish with ``OonaClient.publish`` (or a typed ``publish_*``); each returns a
+``PublishResult``. Consume with a *subscription*, ``client.subscribe(stream,
+group, handler, types=...)``: the group exists only on that stream, each entry
+goes to one replica of the group, and what the handler returns (``Reply``
+objects) is published in the same server round trip that acknowledges the
+entry. Failures are retried inside the group (the server's delivery count is
+the attempt), under a per-handler deadline, and dead-lettered with a reason
+after the last delivery. ``client.broadcast(...)`` is for readers that must
+see every entry. Both run as workers under the one worker contract:
+``await reader.run(ctx)`` (see :mod:`esper.core.worker`).
 """
 
-from esper.oona.breaker import CircuitBreaker
+from esper.oona.broadcast import BroadcastReader
 from esper.oona.client import OonaClient
-from esper.oona.config import StreamConfig
-from esper.oona.consumer import BroadcastConsumer, GroupConsumer
-from esper.oona.messages import Handler, OonaMessage, PublishResult, RejectMessage, RejectReason
+from esper.oona.config import DeliveryPolicy, StreamConfig
+from esper.oona.housekeeping import HousekeepingReport
+from esper.oona.lease import InstanceLease, LeaseLost, instance_token
+from esper.oona.messages import Handler, OonaMessage, PublishResult, RejectMessage, RejectReason, Reply
 from esper.oona.metrics import OonaMetrics
-from esper.oona.runner import run_consumers
+from esper.oona.subscription import Subscription
 
 __all__ = [
-    "BroadcastConsumer",
-    "CircuitBreaker",
-    "GroupConsumer",
+    "BroadcastReader",
+    "DeliveryPolicy",
     "Handler",
+    "HousekeepingReport",
+    "InstanceLease",
+    "LeaseLost",
     "OonaClient",
     "OonaMessage",
     "OonaMetrics",
     "PublishResult",
     "RejectMessage",
     "RejectReason",
+    "Reply",
     "StreamConfig",
-    "run_consumers",
+    "Subscription",
+    "instance_token",
 ]

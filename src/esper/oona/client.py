@@ -1,61 +1,54 @@
-"""``OonaClient``: signed publishing, consumer-group set-up, housekeeping, metrics.
+"""``OonaClient``: signed publishing, subscriptions, broadcast readers, housekeeping, health.
 
-One client per process component is the intended use; it owns one Redis
-connection pool, two circuit breakers (publish and consume) and the metrics.
-Consumers are created from it (``client.consumer(...)``/``client.broadcast(...)``)
-and share its key ring, config and breakers.
+One client per component is the intended use; it owns one connection pool
+(:mod:`esper.oona.connection`), a publish and a consume breaker, and the
+health board its readers report to. Readers are created from it
+(``subscribe``, ``broadcast``) and run as workers: ``await reader.run(ctx)``.
 
-The publish hot path is one XADD: no XLEN, and pending depth for
-backpressure is read only for streams that have a threshold, at most once
-per ``depth_refresh_ms``.
+The publish hot path is one XADD with an approximate MAXLEN cap, so a
+stream's memory stays bounded even while a reader lags: no XLEN, and pending
+depth for backpressure is read only for streams that have a threshold, at
+most once per ``depth_refresh_ms``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, Unpack
+from collections.abc import Collection
+from typing import Any
 
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
+from esper.core.breaker import OPEN, CircuitBreaker
+from esper.core.errors import ConfigError
 from esper.core.logs import get_logger
 from esper.core.settings import EsperSettings
 from esper.leyline import leyline_pb2
 from esper.oona import envelope
-from esper.oona.breaker import OPEN, CircuitBreaker
-from esper.oona.config import StreamConfig
-from esper.oona.housekeeping import trim_streams
-from esper.oona.messages import Handler, OonaMessage, PublishResult, RejectReason
+from esper.oona.broadcast import BroadcastReader
+from esper.oona.config import DeliveryPolicy, StreamConfig
+from esper.oona.connection import connect
+from esper.oona.housekeeping import Housekeeper, HousekeepingReport
+from esper.oona.keys import KeySpace
+from esper.oona.link import REDIS_FAILURES, Link
+from esper.oona.messages import Handler, PublishResult, Serializable
 from esper.oona.metrics import OonaMetrics
+from esper.oona.subscription import Subscription
 from esper.security.signing import KeyRing
 
-if TYPE_CHECKING:
-    from esper.oona.broadcast_consumer import BroadcastConsumer, BroadcastOptions
-    from esper.oona.group_consumer import GroupConsumer, GroupOptions
-
 _log = get_logger("esper.oona")
-MT = leyline_pb2
-
-
-class _Serializable(Protocol):
-    def SerializeToString(self, *, deterministic: bool = ...) -> bytes: ...
-
-
-def _priority_is_urgent(priority: leyline_pb2.MessagePriority.ValueType | None) -> bool:
-    return priority in (leyline_pb2.MESSAGE_PRIORITY_HIGH, leyline_pb2.MESSAGE_PRIORITY_CRITICAL)
+_T = leyline_pb2
 
 
 class OonaClient:
     """Signed, loss-free bus client on Redis Streams.
 
-    ``redis`` is a URL (the client then owns the pool, with a socket timeout
-    above the block time and no hidden command retries) or an existing
-    ``redis.asyncio.Redis`` created with ``decode_responses=False``.
-    A ``KeyRing`` is mandatory: nothing is ever published unsigned.
+    ``redis`` is a URL (the client then owns its pool) or an existing
+    ``redis.asyncio.Redis`` created with ``decode_responses=False``. A
+    ``KeyRing`` is mandatory: nothing is ever published unsigned.
     """
 
     def __init__(
@@ -70,84 +63,95 @@ class OonaClient:
     ) -> None:
         if not isinstance(keyring, KeyRing):
             raise TypeError("OonaClient needs a KeyRing: the bus never carries unsigned messages")
-        self.config = config
-        self.keyring = keyring
-        if isinstance(redis, str):
-            # A blocking pool makes bursts of concurrent publishes queue for a
-            # connection instead of failing with "Too many connections".
-            pool = aioredis.BlockingConnectionPool.from_url(
-                redis,
-                max_connections=config.max_connections,
-                timeout=config.socket_timeout_s,
-                decode_responses=False,
-                socket_timeout=config.socket_timeout_s,
-                socket_connect_timeout=5.0,
-                retry=Retry(NoBackoff(), 0),
-            )
-            self.redis = aioredis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
-            self._owns_redis = True
-        else:
-            self.redis = redis
-            self._owns_redis = False
-        # Several clients of one process (one per role, each with its own
-        # breakers) may share one metrics object, so /metrics has one family
-        # per counter; ``name`` then tells their breakers apart.
-        self.metrics = metrics if metrics is not None else OonaMetrics(registry)
+        self._owns_redis = isinstance(redis, str)
+        client = connect(redis, config) if isinstance(redis, str) else redis
+        # Several clients of one process (one per role) may share one metrics object, so
+        # /metrics has one family per counter; ``name`` then tells their breakers apart.
+        shared = metrics if metrics is not None else OonaMetrics(registry)
+        prefix = f"{name}." if name else ""
         self.name = name
-        self._breaker_prefix = f"{name}." if name else ""
-        self.publish_breaker = self._breaker(f"{self._breaker_prefix}publish", config.breaker_timeout_ms)
-        self.consume_breaker = self._breaker(
-            f"{self._breaker_prefix}consume", config.consume_breaker_timeout_ms or config.breaker_timeout_ms
+        self.link = Link(
+            redis=client,
+            config=config,
+            keyring=keyring,
+            metrics=shared,
+            publish_breaker=self._breaker(f"{prefix}publish", config, shared),
+            consume_breaker=self._breaker(f"{prefix}consume", config, shared),
+            keys=KeySpace(config.hash_tag),
         )
         self._depths: dict[str, tuple[float, int]] = {}
+        self._housekeeper: Housekeeper | None = None
 
     @classmethod
     def from_settings(
         cls,
         settings: EsperSettings,
         *,
-        group: str,
-        consumer_prefix: str | None = None,
+        instance: str,
+        redis_url: str | None = None,
         registry: CollectorRegistry | None = None,
         metrics: OonaMetrics | None = None,
         name: str = "",
         **overrides: Any,
     ) -> OonaClient:
-        """Client for a service: REDIS_URL, stream names and secrets from settings.
+        """A client for a service: REDIS_URL (or ``redis_url``), stream names and secrets from settings.
 
-        Raises ``ConfigError`` when the secret or REDIS_URL is missing.
+        Raises ``ConfigError`` when the secret or the URL is missing.
         """
-        from esper.core.errors import ConfigError
-
-        if not settings.redis_url:
+        url = redis_url or settings.redis_url
+        if not url:
             raise ConfigError(["REDIS_URL is not set"])
-        config = StreamConfig.from_settings(
-            settings, group=group, consumer_prefix=consumer_prefix, **overrides
-        )
+        config = StreamConfig.from_settings(settings, instance=instance, **overrides)
         return cls(
-            settings.redis_url,
-            config,
-            KeyRing(*settings.signing_secrets()),
-            registry=registry,
-            metrics=metrics,
-            name=name,
+            url, config, KeyRing(*settings.signing_secrets()), registry=registry, metrics=metrics, name=name
         )
 
-    def _breaker(self, name: str, timeout_ms: int) -> CircuitBreaker:
-        c = self.config
+    @staticmethod
+    def _breaker(name: str, c: StreamConfig, metrics: OonaMetrics) -> CircuitBreaker:
         breaker = CircuitBreaker(
             name,
             failure_threshold=c.breaker_failure_threshold,
             success_threshold=c.breaker_success_threshold,
-            timeout_ms=timeout_ms,
-            on_change=self.metrics.set_breaker,
+            open_s=c.breaker_open_ms / 1000,
+            open_max_s=c.breaker_open_max_ms / 1000,
+            on_change=metrics.set_breaker,
         )
-        self.metrics.set_breaker(name, int(breaker.state))
+        metrics.set_breaker(name, int(breaker.state))
         return breaker
+
+    # -- the parts, for callers that need them ------------------------------------------
+
+    @property
+    def config(self) -> StreamConfig:
+        return self.link.config
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        return self.link.redis
+
+    @property
+    def keyring(self) -> KeyRing:
+        return self.link.keyring
+
+    @property
+    def metrics(self) -> OonaMetrics:
+        return self.link.metrics
+
+    @property
+    def keys(self) -> KeySpace:
+        return self.link.keys
+
+    @property
+    def publish_breaker(self) -> CircuitBreaker:
+        return self.link.publish_breaker
+
+    @property
+    def consume_breaker(self) -> CircuitBreaker:
+        return self.link.consume_breaker
 
     async def aclose(self) -> None:
         if self._owns_redis:
-            await self.redis.aclose()
+            await self.link.redis.aclose()
 
     async def __aenter__(self) -> OonaClient:
         return self
@@ -155,81 +159,71 @@ class OonaClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    # -- groups --------------------------------------------------------------------
-
-    async def ensure_consumer_groups(self, group: str | None = None) -> None:
-        """Create ``group`` (default: the config's) on every stream, from id 0.
-
-        Starting at 0 with MKSTREAM means a message published before the group
-        existed is still delivered; an existing group (BUSYGROUP) is kept.
-        """
-        for stream in self.config.streams:
-            await self.ensure_group(stream, group)
-
-    async def ensure_group(self, stream: str, group: str | None = None) -> None:
-        try:
-            await self.redis.xgroup_create(stream, group or self.config.group, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-
-    # -- publishing ------------------------------------------------------------------
+    # -- publishing ------------------------------------------------------------------------
 
     async def publish(
         self,
-        stream: str,
         message_type: leyline_pb2.BusMessageType.ValueType,
-        message: _Serializable | bytes,
+        message: Serializable | bytes,
+        *,
+        priority: leyline_pb2.MessagePriority.ValueType | None = None,
+        stream: str | None = None,
     ) -> PublishResult:
-        """Sign and XADD one message; refusals come back as a ``PublishResult``.
+        """Sign and XADD one message to its stream (by type and priority, or ``stream``).
 
-        With the publish breaker open this waits until it half-opens (no
-        instant refusals that a retry loop could spin on); the wait is capped
-        by ``publish_breaker_wait_ms`` when set, after which ``breaker_open``
-        is returned.
+        Refusals come back as a ``PublishResult``, never as an exception. With
+        the publish breaker open this waits until it half-opens (capped by
+        ``publish_breaker_wait_ms`` when set), so a retry loop cannot spin.
         """
-        c = self.config
-        breaker = self.publish_breaker
+        c, breaker, metrics = self.link.config, self.link.publish_breaker, self.link.metrics
+        target = stream or c.route(message_type, priority)
         if breaker.state == OPEN:
             max_wait = None if c.publish_breaker_wait_ms is None else c.publish_breaker_wait_ms / 1000
             if not await breaker.wait_ready(max_wait):
-                self.metrics.on_publish_failed(stream, "breaker_open")
-                return PublishResult(False, stream, reason="breaker_open")
-        threshold = c.backpressure.get(stream)
+                metrics.on_publish_failed(target, "breaker_open")
+                return PublishResult(False, target, reason="breaker_open")
+        threshold = c.backpressure.get(target)
         if threshold is not None:
-            depth = await self._pending_depth(stream)
+            depth = await self._pending_depth(target)
             if depth is not None and depth >= threshold:
-                self.metrics.on_publish_failed(stream, "backpressure")
-                _log.warning("oona.backpressure", stream=stream, pending=depth, threshold=threshold)
-                return PublishResult(False, stream, reason="backpressure")
+                metrics.on_publish_failed(target, "backpressure")
+                _log.warning("oona.backpressure", stream=target, pending=depth, threshold=threshold)
+                return PublishResult(False, target, reason="backpressure")
         body = message if isinstance(message, bytes) else message.SerializeToString(deterministic=True)
-        fields = envelope.signed_fields(
-            self.keyring, envelope.build_envelope(message_type, body, source=c.source)
-        )
+        payload = envelope.build_envelope(message_type, body, source=c.source)
+        if len(payload) > c.max_payload_bytes:
+            metrics.on_publish_failed(target, "oversized")
+            return PublishResult(False, target, reason="oversized")
+        fields = envelope.signed_fields(self.link.keyring, payload)
         started = time.perf_counter()
         try:
-            entry_id = await self.redis.xadd(stream, fields)  # type: ignore[arg-type]
-        except (RedisError, OSError) as exc:
+            entry_id = await self.link.redis.xadd(
+                self.link.keys.stream(target),
+                fields,  # type: ignore[arg-type]
+                maxlen=c.cap,
+                approximate=True,
+            )
+        except REDIS_FAILURES as exc:
             breaker.record_failure()
-            self.metrics.on_publish_failed(stream, "redis_error")
-            _log.warning("oona.publish_failed", stream=stream, error=type(exc).__name__)
-            return PublishResult(False, stream, reason="redis_error")
+            metrics.on_publish_failed(target, "redis_error")
+            _log.warning("oona.publish_failed", stream=target, error=f"{type(exc).__name__}: {exc}"[:200])
+            return PublishResult(False, target, reason="redis_error")
         breaker.record_success()
-        self.metrics.on_published(stream, time.perf_counter() - started)
+        metrics.on_published(target, time.perf_counter() - started)
         text = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-        return PublishResult(True, stream, entry_id=text)
+        return PublishResult(True, target, entry_id=text)
 
     async def publish_state(
         self, packet: leyline_pb2.SystemStatePacket, *, emergency: bool = False
     ) -> PublishResult:
-        stream = self.config.emergency_stream if emergency else self.config.normal_stream
-        return await self.publish(stream, MT.BUS_MESSAGE_TYPE_SYSTEM_STATE, packet)
+        priority = _T.MESSAGE_PRIORITY_HIGH if emergency else None
+        return await self.publish(_T.BUS_MESSAGE_TYPE_SYSTEM_STATE, packet, priority=priority)
 
     async def publish_command(self, command: leyline_pb2.AdaptationCommand) -> PublishResult:
-        return await self.publish(self.config.normal_stream, MT.BUS_MESSAGE_TYPE_ADAPTATION_COMMAND, command)
+        return await self.publish(_T.BUS_MESSAGE_TYPE_ADAPTATION_COMMAND, command)
 
     async def publish_field_report(self, report: leyline_pb2.FieldReport) -> PublishResult:
-        return await self.publish(self.config.normal_stream, MT.BUS_MESSAGE_TYPE_FIELD_REPORT, report)
+        return await self.publish(_T.BUS_MESSAGE_TYPE_FIELD_REPORT, report)
 
     async def publish_telemetry(
         self,
@@ -237,173 +231,117 @@ class OonaClient:
         priority: leyline_pb2.MessagePriority.ValueType | None = None,
     ) -> PublishResult:
         """HIGH/CRITICAL go to the emergency stream; this choice is per message only."""
-        c = self.config
-        stream = c.emergency_stream if _priority_is_urgent(priority) else c.telemetry_stream
-        return await self.publish(stream, MT.BUS_MESSAGE_TYPE_TELEMETRY, packet)
+        return await self.publish(_T.BUS_MESSAGE_TYPE_TELEMETRY, packet, priority=priority)
 
     async def publish_policy_update(self, update: leyline_pb2.PolicyUpdate) -> PublishResult:
-        return await self.publish(self.config.policy_stream, MT.BUS_MESSAGE_TYPE_POLICY_UPDATE, update)
+        return await self.publish(_T.BUS_MESSAGE_TYPE_POLICY_UPDATE, update)
 
     async def publish_kernel_prefetch_request(
         self, request: leyline_pb2.KernelPrefetchRequest
     ) -> PublishResult:
-        return await self.publish(
-            self.config.kernel_request_stream, MT.BUS_MESSAGE_TYPE_KERNEL_PREFETCH_REQUEST, request
-        )
+        return await self.publish(_T.BUS_MESSAGE_TYPE_KERNEL_PREFETCH_REQUEST, request)
 
     async def publish_kernel_artifact_ready(self, ready: leyline_pb2.KernelArtifactReady) -> PublishResult:
-        return await self.publish(
-            self.config.kernel_ready_stream, MT.BUS_MESSAGE_TYPE_KERNEL_PREFETCH_READY, ready
-        )
+        return await self.publish(_T.BUS_MESSAGE_TYPE_KERNEL_PREFETCH_READY, ready)
 
     async def publish_kernel_artifact_error(self, error: leyline_pb2.KernelArtifactError) -> PublishResult:
-        return await self.publish(
-            self.config.kernel_error_stream, MT.BUS_MESSAGE_TYPE_KERNEL_PREFETCH_ERROR, error
-        )
+        return await self.publish(_T.BUS_MESSAGE_TYPE_KERNEL_PREFETCH_ERROR, error)
 
     async def publish_kernel_catalog_update(self, update: leyline_pb2.KernelCatalogUpdate) -> PublishResult:
-        """Shares the ready stream as in v1; consumers must declare both types they accept."""
-        return await self.publish(
-            self.config.kernel_ready_stream, MT.BUS_MESSAGE_TYPE_KERNEL_CATALOG_UPDATE, update
-        )
+        """Shares the ready stream as in v1; readers must declare both types they accept."""
+        return await self.publish(_T.BUS_MESSAGE_TYPE_KERNEL_CATALOG_UPDATE, update)
 
     async def _pending_depth(self, stream: str) -> int | None:
-        """Cached XPENDING count of the config group; refreshed at most every ``depth_refresh_ms``."""
+        """Most un-acked entries of any group of ``stream``; cached for ``depth_refresh_ms``."""
         cached = self._depths.get(stream)
         now = time.monotonic()
-        if cached is not None and now - cached[0] < self.config.depth_refresh_ms / 1000:
+        if cached is not None and now - cached[0] < self.link.config.depth_refresh_ms / 1000:
             return cached[1]
         try:
-            summary = await self.redis.xpending(stream, self.config.group)
-            depth = int(summary.get("pending") or 0)
+            groups: Any = await self.link.redis.xinfo_groups(self.link.keys.stream(stream))
+            depth = max((int(g.get("pending") or 0) for g in groups), default=0)
         except ResponseError:
-            depth = 0  # no group yet: nothing is pending
-        except (RedisError, OSError):
+            depth = 0  # no stream or no group yet: nothing is pending
+        except REDIS_FAILURES:
             return cached[1] if cached else None
         self._depths[stream] = (now, depth)
-        self.metrics.set_pending(stream, self.config.group, depth, primary=True)
         return depth
 
-    # -- consumers -------------------------------------------------------------------
+    # -- readers ---------------------------------------------------------------------------
 
-    def consumer(self, stream: str, handler: Handler, **options: Unpack[GroupOptions]) -> GroupConsumer:
-        """A consumer-group reader: each entry is handled by one replica, acked on success.
-
-        ``types`` are handed to ``handler``; ``ignore_types`` are other types
-        that legitimately share the stream (e.g. commands on ``oona.normal``
-        for a consumer of system states): they are verified, acked and
-        counted as ignored instead of dead-lettered as unexpected.
-        ``on_acked`` is called with the entry ids of each XACK, after it.
-        The other options (``concurrency``, ``batch``, ``block_ms``) are
-        described on :class:`~esper.oona.group_consumer.GroupOptions`.
-        """
-        from esper.oona.group_consumer import GroupConsumer
-
-        return GroupConsumer(self, stream, handler, **options)
-
-    def broadcast(
-        self, stream: str, handler: Handler, **options: Unpack[BroadcastOptions]
-    ) -> BroadcastConsumer:
-        """A reader that sees every entry of ``stream``, independent of groups and of other readers.
-
-        Options (``types``, ``start_id``, ``batch``, ``block_ms``,
-        ``ignore_types``): :class:`~esper.oona.broadcast_consumer.BroadcastOptions`.
-        """
-        from esper.oona.broadcast_consumer import BroadcastConsumer
-
-        return BroadcastConsumer(self, stream, handler, **options)
-
-    # -- consumer write paths (used by the consumers) ----------------------------------
-
-    async def dead_letter(
+    def subscribe(
         self,
         stream: str,
         group: str,
-        rejected: Sequence[tuple[str, Mapping[bytes, bytes], RejectReason | str, str]],
-    ) -> None:
-        """Copy rejected entries to the dead-letter stream and ack them, atomically (MULTI).
+        handler: Handler,
+        *,
+        types: Collection[int],
+        ignore_types: Collection[int] = (),
+        policy: DeliveryPolicy | None = None,
+    ) -> Subscription:
+        """Consume ``stream`` in ``group``: one replica handles each entry; replies commit with its ack.
 
-        ``reason`` is a ``RejectReason`` or an application reason carried by
-        ``RejectMessage`` (e.g. ``policy_stale_version``).
+        ``ignore_types`` are other types that legitimately share the stream
+        (e.g. commands on ``oona.normal`` for a reader of system states):
+        verified, acknowledged and counted as ignored, not dead-lettered.
         """
-        if not rejected:
-            return
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for entry_id, fields, reason, detail in rejected:
-                pipe.xadd(
-                    self.config.dead_letter_stream,
-                    envelope.dead_letter_fields(  # type: ignore[arg-type]
-                        fields, reason=reason, stream=stream, entry_id=entry_id, detail=detail
-                    ),
-                )
-            pipe.xack(stream, group, *[item[0] for item in rejected])
-            await pipe.execute()
-        for entry_id, _fields, reason, detail in rejected:
-            self.metrics.on_dead_letter(str(reason))
-            _log.warning(
-                "oona.dead_letter", stream=stream, entry_id=entry_id, reason=str(reason), detail=detail
-            )
-
-    async def requeue(self, group: str, message: OonaMessage) -> None:
-        """Re-add a re-signed copy with attempt+1 and ack the original, atomically (MULTI)."""
-        fields = envelope.resign(
-            self.keyring,
-            message.message_type,
-            message.payload,
-            message.attributes,
-            source=self.config.source,
-            attempt=message.attempt + 1,
+        return Subscription(
+            self.link, stream, group, handler, types=types, ignore_types=ignore_types, policy=policy
         )
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(message.stream, fields)  # type: ignore[arg-type]
-            pipe.xack(message.stream, group, message.entry_id)
-            await pipe.execute()
-        self.metrics.on_retry(message.stream)
 
-    # -- depth, housekeeping, metrics ------------------------------------------------
-
-    async def refresh_depths(self) -> dict[str, dict[str, int]]:
-        """Pending entries per group for every stream (XINFO GROUPS); updates the gauges."""
-        out: dict[str, dict[str, int]] = {}
-        for stream in self.config.streams:
-            try:
-                groups = await self.redis.xinfo_groups(stream)
-            except ResponseError:
-                groups = []
-            per_group: dict[str, int] = {}
-            for info in groups:
-                raw_name: Any = info["name"]
-                name = raw_name.decode() if isinstance(raw_name, bytes) else str(raw_name)
-                depth = int(info.get("pending") or 0)
-                per_group[name] = depth
-                self.metrics.set_pending(stream, name, depth, primary=name == self.config.group)
-                if name == self.config.group:
-                    self._depths[stream] = (time.monotonic(), depth)
-            if self.config.group not in per_group:
-                self.metrics.set_pending(stream, self.config.group, 0, primary=True)
-            out[stream] = per_group
-        return out
-
-    async def housekeeping(self) -> dict[str, int]:
-        """Trim every stream by TTL and max length, never past an un-acked entry."""
-        c = self.config
-        return await trim_streams(
-            self.redis,
-            c.streams,
-            ttl_ms=c.message_ttl_ms,
-            max_length=c.max_stream_length,
-            dead_letter_stream=c.dead_letter_stream,
-            dead_letter_max_length=c.dead_letter_max_length,
+    def broadcast(
+        self,
+        stream: str,
+        handler: Handler,
+        *,
+        types: Collection[int],
+        ignore_types: Collection[int] = (),
+        start_id: str = "$",
+        batch: int = 64,
+    ) -> BroadcastReader:
+        """A reader that sees every entry of ``stream``, independent of groups and other readers."""
+        return BroadcastReader(
+            self.link, stream, handler, types=types, ignore_types=ignore_types, start_id=start_id, batch=batch
         )
+
+    # -- housekeeping and health -----------------------------------------------------------
+
+    async def housekeeping(self) -> HousekeepingReport:
+        """Trim, count what was lost unread, remove dead consumers, refresh pending gauges."""
+        if self._housekeeper is None:
+            self._housekeeper = Housekeeper(self.link)
+        return await self._housekeeper.run_once()
+
+    def problems(self) -> list[str]:
+        """What currently keeps this client's paths from working (empty when all is well)."""
+        found = list(self.link.health.problems())
+        for breaker in (self.link.publish_breaker, self.link.consume_breaker):
+            if breaker.state == OPEN:
+                found.append(f"breaker {breaker.name} is open")
+        return found
+
+    async def probe(self, timeout_s: float = 1.0) -> str | None:
+        """A write round trip to the server: None when it accepts writes, else what is wrong.
+
+        A read-only replica (a demoted primary), a server out of memory and an
+        unreachable one all fail it, which a ping would not show.
+        """
+        key = self.link.keys.probe(self.link.config.instance)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.link.redis.set(key, b"1", px=5_000)
+        except REDIS_FAILURES as exc:
+            return f"{type(exc).__name__}: {exc}"[:200]
+        return None
 
     def metrics_snapshot(self) -> dict[str, float]:
-        snap = self.metrics.snapshot()
-        snap[f"breaker.{self._breaker_prefix}publish.state"] = float(self.publish_breaker.state)
-        snap[f"breaker.{self._breaker_prefix}consume.state"] = float(self.consume_breaker.state)
+        snap = self.link.metrics.snapshot()
+        for breaker in (self.link.publish_breaker, self.link.consume_breaker):
+            snap[f"breaker.{breaker.name}.state"] = float(breaker.state)
         return snap
 
     def metrics_packet(self) -> leyline_pb2.TelemetryPacket:
         """Snapshot as a TelemetryPacket (source ``oona``), ready for ``publish_telemetry``."""
-        self.metrics.set_breaker(self.publish_breaker.name, int(self.publish_breaker.state))
-        self.metrics.set_breaker(self.consume_breaker.name, int(self.consume_breaker.state))
-        return self.metrics.packet("oona")
+        for breaker in (self.link.publish_breaker, self.link.consume_breaker):
+            self.link.metrics.set_breaker(breaker.name, int(breaker.state))
+        return self.link.metrics.packet("oona")

@@ -1,8 +1,14 @@
-"""Stream names, consumer identity and tuning for one Oona client.
+"""Stream names, identity, limits and delivery policy for one Oona client.
 
-All knobs live in one frozen ``StreamConfig`` so a service can log exactly
-how its bus behaves, and tests can shrink timeouts without touching code.
-Defaults follow esper-lite v1 stream names and the platform settings.
+All knobs live in frozen dataclasses so a service can log exactly how its bus
+behaves and tests can shrink timeouts without touching code. Defaults follow
+esper-lite v1 stream names and the platform settings.
+
+``StreamConfig`` is about the *client*: who it is (``instance``, the consumer
+name it uses in every group it joins), where messages go, and the limits it
+enforces. ``DeliveryPolicy`` is about one *subscription*: batch size,
+concurrency, the handler deadline, how many deliveries an entry gets and when
+a dead consumer's entries are taken over.
 """
 
 from __future__ import annotations
@@ -12,26 +18,67 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from esper.core.settings import EsperSettings
+from esper.leyline import leyline_pb2
 
 KERNEL_REQUEST_STREAM = "oona.kernels.requests"
 KERNEL_READY_STREAM = "oona.kernels.ready"
 KERNEL_ERROR_STREAM = "oona.kernels.errors"
 DEAD_LETTER_STREAM = "oona.deadletter"
+_URGENT = frozenset({leyline_pb2.MESSAGE_PRIORITY_HIGH, leyline_pb2.MESSAGE_PRIORITY_CRITICAL})
+
+
+@dataclass(frozen=True)
+class DeliveryPolicy:
+    """How one subscription consumes (defaults from the platform settings).
+
+    An entry is delivered at most ``max_deliveries`` times in its group; a
+    delivery ends in success, a raised error, a missed ``handler_timeout_ms``
+    deadline, or the death of its consumer. Failed deliveries are retried
+    after ``retry_backoff_ms`` doubling up to ``retry_backoff_max_ms``,
+    without holding up the rest of the batch. Entries left by a consumer that
+    stopped answering are taken over after ``claim_idle_ms``.
+    """
+
+    batch: int = 16
+    concurrency: int = 1
+    handler_timeout_ms: int = 30_000
+    max_deliveries: int = 5
+    retry_backoff_ms: int = 200
+    retry_backoff_max_ms: int = 5_000
+    claim_idle_ms: int = 15_000
+    claim_batch: int = 50
+
+    def __post_init__(self) -> None:
+        problems = [
+            f"{name} must be >= 1"
+            for name in ("batch", "concurrency", "handler_timeout_ms", "max_deliveries", "claim_idle_ms")
+            if getattr(self, name) < 1
+        ]
+        if problems:
+            raise ValueError("invalid DeliveryPolicy: " + "; ".join(problems))
+
+    def backoff_s(self, attempt: int) -> float:
+        """Delay before delivery ``attempt + 1`` after delivery ``attempt`` failed."""
+        return float(min(self.retry_backoff_ms * 2 ** max(0, attempt - 1), self.retry_backoff_max_ms)) / 1000
 
 
 @dataclass(frozen=True)
 class StreamConfig:
     """Everything an ``OonaClient`` needs besides a Redis connection and a key ring.
 
-    ``backpressure`` maps a stream name to the pending depth (un-acked entries
-    of ``group``) at which publishes to it are refused; streams not listed
-    never refuse. ``freshness_window_ms`` bounds how far ``issued_at_ms`` may
-    be from the entry's arrival in either direction; replay keys live twice
-    that long so a replay is caught for as long as it could still look fresh.
+    ``instance`` is this process's consumer name in every group it joins: it
+    must be unique among live replicas and stable across restarts, so a
+    restarted replica resumes its own pending entries at once (see
+    :mod:`esper.oona.lease`). Freshness: ``issued_at_ms`` must lie within
+    ``freshness_window_ms`` of the reader's clock, either way. Replay keys
+    live ``2 * window + clock_skew_ms``: as long as any copy could look fresh
+    to any replica. ``backpressure`` maps a stream to the pending depth (the
+    most un-acked entries of any of its groups) at which publishing to it is
+    refused.
     """
 
-    group: str
-    consumer: str
+    instance: str
+    source: str = ""
     normal_stream: str = "oona.normal"
     emergency_stream: str = "oona.emergency"
     telemetry_stream: str = "oona.telemetry"
@@ -40,74 +87,67 @@ class StreamConfig:
     kernel_ready_stream: str = KERNEL_READY_STREAM
     kernel_error_stream: str = KERNEL_ERROR_STREAM
     dead_letter_stream: str = DEAD_LETTER_STREAM
-    source: str = ""
+    #: Cluster mode: every key carries this hash tag so multi-key scripts stay in one slot.
+    hash_tag: str | None = None
     max_stream_length: int | None = 10_000
+    #: Approximate MAXLEN applied on every XADD; None means 10 x ``max_stream_length``.
+    hard_cap: int | None = None
     dead_letter_max_length: int = 10_000
     message_ttl_ms: int | None = 900_000
     freshness_window_ms: int = 60_000
+    clock_skew_ms: int = 5_000
     max_payload_bytes: int = 1 << 20
-    retry_max_attempts: int = 5
-    retry_idle_ms: int = 60_000
-    retry_batch_size: int = 50
-    retry_backoff_ms: int = 200
-    retry_backoff_max_ms: int = 5_000
+    #: Bytes of entry data one read may hold in memory; the rest is fetched by smaller reads.
+    max_read_bytes: int = 8 << 20
     block_ms: int = 1_000
     backpressure: Mapping[str, int] = field(default_factory=dict)
     depth_refresh_ms: int = 1_000
     breaker_failure_threshold: int = 3
     breaker_success_threshold: int = 1
-    breaker_timeout_ms: int = 30_000
-    #: Open period of the consume breaker. Short: a reader only probes the server
-    #: (with its own reconnect backoff), so it should resume soon after recovery.
-    consume_breaker_timeout_ms: int | None = 2_000
+    #: First open window of a breaker; it doubles per failed probe up to ``breaker_open_max_ms``.
+    breaker_open_ms: int = 500
+    breaker_open_max_ms: int = 30_000
     publish_breaker_wait_ms: int | None = None
     reconnect_base_ms: int = 100
-    reconnect_max_ms: int = 5_000
+    reconnect_max_ms: int = 1_000
     max_connections: int = 64
+    #: The policy of subscriptions that do not bring their own.
+    delivery: DeliveryPolicy = field(default_factory=DeliveryPolicy)
 
     def __post_init__(self) -> None:
         problems = []
-        if not self.group:
-            problems.append("group must not be empty")
-        if not self.consumer:
-            problems.append("consumer must not be empty")
+        if not self.instance:
+            problems.append("instance must not be empty")
         if self.block_ms <= 0:
             problems.append("block_ms must be > 0 (BLOCK 0 would wait forever)")
-        if self.retry_max_attempts < 1:
-            problems.append("retry_max_attempts must be >= 1")
         if self.freshness_window_ms <= 0:
             problems.append("freshness_window_ms must be > 0")
-        if self.retry_idle_ms <= 0:
-            problems.append("retry_idle_ms must be > 0")
+        if self.max_read_bytes < 2 * self.max_payload_bytes:
+            problems.append("max_read_bytes must hold at least two payloads")
+        if self.breaker_open_ms <= 0:
+            problems.append("breaker_open_ms must be > 0")
         if problems:
             raise ValueError("invalid StreamConfig: " + "; ".join(problems))
         if not self.source:
-            object.__setattr__(self, "source", self.consumer)
+            object.__setattr__(self, "source", self.instance)
 
     @classmethod
-    def from_settings(
-        cls,
-        settings: EsperSettings,
-        *,
-        group: str,
-        consumer_prefix: str | None = None,
-        **overrides: Any,
-    ) -> StreamConfig:
-        """Build the config a service uses; ``consumer_prefix`` defaults to the group.
-
-        The consumer name is unique per process (host-pid) unless
-        ``OONA_CONSUMER_NAME`` pins it, so replicas split a group's work.
-        """
+    def from_settings(cls, settings: EsperSettings, *, instance: str, **overrides: Any) -> StreamConfig:
+        """The config a service uses: stream names, limits and delivery policy from settings."""
         base = cls(
-            group=group,
-            consumer=settings.consumer_name(consumer_prefix or group),
+            instance=instance,
             normal_stream=settings.oona_normal_stream,
             emergency_stream=settings.oona_emergency_stream,
             telemetry_stream=settings.oona_telemetry_stream,
             policy_stream=settings.oona_policy_stream,
             max_stream_length=settings.oona_max_stream_length,
+            hard_cap=settings.oona_stream_hard_cap,
             message_ttl_ms=settings.oona_message_ttl_ms or None,
             freshness_window_ms=settings.kernel_freshness_window_ms,
+            delivery=DeliveryPolicy(
+                handler_timeout_ms=settings.oona_handler_timeout_ms,
+                claim_idle_ms=settings.oona_claim_idle_ms,
+            ),
         )
         return replace(base, **overrides) if overrides else base
 
@@ -127,10 +167,46 @@ class StreamConfig:
         return tuple(dict.fromkeys(names))
 
     @property
+    def cap(self) -> int | None:
+        """The hard length cap applied at publish (approximate MAXLEN)."""
+        if self.hard_cap is not None:
+            return self.hard_cap
+        return None if self.max_stream_length is None else 10 * self.max_stream_length
+
+    @property
     def replay_ttl_ms(self) -> int:
-        return 2 * self.freshness_window_ms
+        return 2 * self.freshness_window_ms + self.clock_skew_ms
 
     @property
     def socket_timeout_s(self) -> float:
         """Strictly above the block time, so a BLOCKed read is never cut off by the socket."""
         return self.block_ms / 1000 + 5.0
+
+    def route(
+        self,
+        message_type: leyline_pb2.BusMessageType.ValueType,
+        priority: leyline_pb2.MessagePriority.ValueType | None = None,
+    ) -> str:
+        """The stream a message goes to: by type, HIGH/CRITICAL state and telemetry to emergency.
+
+        The choice is per message only; nothing about it is sticky.
+        """
+        urgent = priority in _URGENT
+        t = leyline_pb2
+        if message_type in (t.BUS_MESSAGE_TYPE_TELEMETRY, t.BUS_MESSAGE_TYPE_SYSTEM_STATE) and urgent:
+            return self.emergency_stream
+        by_type = {
+            t.BUS_MESSAGE_TYPE_TELEMETRY: self.telemetry_stream,
+            t.BUS_MESSAGE_TYPE_SYSTEM_STATE: self.normal_stream,
+            t.BUS_MESSAGE_TYPE_ADAPTATION_COMMAND: self.normal_stream,
+            t.BUS_MESSAGE_TYPE_FIELD_REPORT: self.normal_stream,
+            t.BUS_MESSAGE_TYPE_POLICY_UPDATE: self.policy_stream,
+            t.BUS_MESSAGE_TYPE_KERNEL_PREFETCH_REQUEST: self.kernel_request_stream,
+            t.BUS_MESSAGE_TYPE_KERNEL_PREFETCH_READY: self.kernel_ready_stream,
+            t.BUS_MESSAGE_TYPE_KERNEL_CATALOG_UPDATE: self.kernel_ready_stream,
+            t.BUS_MESSAGE_TYPE_KERNEL_PREFETCH_ERROR: self.kernel_error_stream,
+        }
+        try:
+            return by_type[message_type]
+        except KeyError:
+            raise ValueError(f"no stream for message type {message_type}") from None

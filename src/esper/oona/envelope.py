@@ -1,20 +1,23 @@
-"""Wire format: building signed entries and checking consumed ones.
-
-The CPU-only part of the verification pipeline lives here (signature →
-envelope parse → expected type → freshness → replay key extraction) so it is
-testable without Redis; the shared replay check itself needs Redis and is done
-by the consumer with the key this module extracts.
+"""Wire format: building signed entries and checking consumed ones (no Redis here).
 
 Entry fields are byte-for-byte esper-lite v1 (``payload``, ``signature``) plus
-``kid``; everything else that must be trusted (``issued_at_ms``, ``nonce``,
-``source``, ``attempt``) rides inside the signed envelope attributes.
+``kid``; everything that must be trusted (``issued_at_ms``, ``nonce``,
+``source`` and, for a dead letter handed back to one group, ``target_group``)
+rides inside the signed envelope attributes.
+
+Checks run in the normative order: size → signature → envelope parse →
+expected type → freshness → replay key. Freshness is judged against the
+*reader's* clock, from the signed ``issued_at_ms`` (or a v1 payload's own
+timestamp), never from the entry id, which any writer may choose. The replay
+claim itself needs Redis and happens when the entry is committed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +25,7 @@ from google.protobuf.message import DecodeError
 
 from esper.leyline import leyline_pb2
 from esper.oona.messages import OonaMessage, RejectReason
+from esper.oona.wire_guard import OmittedValue
 from esper.security.signing import KeyRing
 
 PAYLOAD = b"payload"
@@ -30,20 +34,10 @@ KID = b"kid"
 ISSUED_AT = "issued_at_ms"
 NONCE = "nonce"
 SOURCE = "source"
-ATTEMPT = "attempt"
-
-_KERNEL_V1 = frozenset(
-    {
-        leyline_pb2.BUS_MESSAGE_TYPE_KERNEL_PREFETCH_REQUEST,
-        leyline_pb2.BUS_MESSAGE_TYPE_KERNEL_PREFETCH_READY,
-        leyline_pb2.BUS_MESSAGE_TYPE_KERNEL_PREFETCH_ERROR,
-    }
-)
-_V1_REQUEST_ID: dict[int, type[Any]] = {
-    leyline_pb2.BUS_MESSAGE_TYPE_KERNEL_PREFETCH_REQUEST: leyline_pb2.KernelPrefetchRequest,
-    leyline_pb2.BUS_MESSAGE_TYPE_KERNEL_PREFETCH_READY: leyline_pb2.KernelArtifactReady,
-    leyline_pb2.BUS_MESSAGE_TYPE_KERNEL_PREFETCH_ERROR: leyline_pb2.KernelArtifactError,
-}
+TARGET_GROUP = "target_group"
+_MAX_NONCE = 128
+_MAX_SIGNATURE = 512
+_T = leyline_pb2
 
 
 def now_ms() -> int:
@@ -55,7 +49,6 @@ def build_envelope(
     payload: bytes,
     *,
     source: str,
-    attempt: int | None = None,
     extra: Mapping[str, str] | None = None,
 ) -> bytes:
     """Serialize a fresh envelope: new nonce, current ``issued_at_ms``, deterministic bytes."""
@@ -66,8 +59,6 @@ def build_envelope(
     attrs[ISSUED_AT] = str(now_ms())
     attrs[NONCE] = uuid.uuid4().hex
     attrs[SOURCE] = source
-    if attempt is not None and attempt > 1:
-        attrs[ATTEMPT] = str(attempt)
     return envelope.SerializeToString(deterministic=True)
 
 
@@ -87,18 +78,13 @@ def resign(
     attributes: Mapping[str, str],
     *,
     source: str,
-    attempt: int | None,
+    target_group: str | None = None,
 ) -> dict[bytes, bytes]:
-    """A fresh signed copy of a message (retry or dead-letter replay): new nonce and time."""
-    keep = {k: v for k, v in attributes.items() if k not in (ISSUED_AT, NONCE, SOURCE, ATTEMPT)}
-    return signed_fields(
-        keyring, build_envelope(message_type, payload, source=source, attempt=attempt, extra=keep)
-    )
-
-
-def entry_time_ms(entry_id: str) -> int:
-    """Milliseconds part of a Redis stream id: when the entry arrived at the server."""
-    return int(entry_id.split("-", 1)[0])
+    """A fresh signed copy of a message (a dead letter replayed): new nonce and time."""
+    keep = {k: v for k, v in attributes.items() if k not in (ISSUED_AT, NONCE, SOURCE, TARGET_GROUP)}
+    if target_group:
+        keep[TARGET_GROUP] = target_group
+    return signed_fields(keyring, build_envelope(message_type, payload, source=source, extra=keep))
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,8 +95,12 @@ class Rejection:
 
 @dataclass(frozen=True, slots=True)
 class Accepted:
+    """A verified message, its replay key, the group it is addressed to (if any) and when it was issued."""
+
     message: OonaMessage
     replay_key: str
+    target_group: str | None = None
+    issued_ms: int | None = None
 
 
 def _text(value: bytes | None) -> str | None:
@@ -129,23 +119,20 @@ def verify_entry(
     fields: Mapping[bytes, bytes],
     *,
     expected_types: frozenset[int] | None,
+    now: int,
     freshness_window_ms: int,
     max_payload_bytes: int,
 ) -> Accepted | Rejection:
-    """Run every check that needs no Redis, in the normative order.
-
-    Returns the message plus the replay key (nonce, or ``<type>:<request_id>``
-    for v1 kernel messages) for the caller to check in Redis, or a rejection.
-    Never raises on hostile input.
-    """
+    """Run every check that needs no Redis; ``now`` is the reader's clock in ms. Never raises."""
     payload = fields.get(PAYLOAD)
     if payload is None:
         return Rejection(RejectReason.MALFORMED, "entry has no payload field")
-    if len(payload) > max_payload_bytes:
-        return Rejection(RejectReason.OVERSIZED, f"payload {len(payload)} bytes > {max_payload_bytes}")
+    if isinstance(payload, OmittedValue) or len(payload) > max_payload_bytes:
+        size = payload.length if isinstance(payload, OmittedValue) else len(payload)
+        return Rejection(RejectReason.OVERSIZED, f"payload {size} bytes > {max_payload_bytes}")
     signature = fields.get(SIGNATURE)
-    if not signature:
-        return Rejection(RejectReason.UNSIGNED, "entry has no signature")
+    if not signature or isinstance(signature, OmittedValue) or len(signature) > _MAX_SIGNATURE:
+        return Rejection(RejectReason.UNSIGNED, "entry has no usable signature")
     raw_kid = fields.get(KID)
     kid = _text(raw_kid)
     if raw_kid is not None and (kid is None or kid not in keyring.key_ids):
@@ -162,82 +149,144 @@ def verify_entry(
     if expected_types is not None and message_type not in expected_types:
         return Rejection(RejectReason.UNEXPECTED_TYPE, f"type {message_type} not expected on {stream}")
     attrs = dict(envelope.attributes)
-
-    arrival = entry_time_ms(entry_id)
-    issued_text = attrs.get(ISSUED_AT)
-    nonce = attrs.get(NONCE)
-    v1_kernel = message_type in _KERNEL_V1 and issued_text is None and nonce is None
-    issued: int | None
-    if v1_kernel:
-        found = _v1_kernel_fields(message_type, envelope.payload)
-        if found is None:
-            return Rejection(RejectReason.MALFORMED, "v1 kernel payload does not parse")
-        request_id, issued = found
-        if not request_id:
-            return Rejection(RejectReason.MALFORMED, "v1 kernel message without request_id")
-        replay_key = f"{message_type}:{request_id}"
-        if message_type == leyline_pb2.BUS_MESSAGE_TYPE_KERNEL_PREFETCH_REQUEST and issued is None:
-            return Rejection(RejectReason.STALE, "v1 prefetch request without issued_at")
-    else:
-        if issued_text is None or not nonce:
-            return Rejection(RejectReason.MALFORMED, "envelope lacks issued_at_ms or nonce")
-        try:
-            issued = int(issued_text)
-        except ValueError:
-            return Rejection(RejectReason.MALFORMED, "issued_at_ms is not an integer")
-        replay_key = nonce
+    found = _issued_and_replay_key(message_type, envelope.payload, payload, attrs)
+    if isinstance(found, Rejection):
+        return found
+    issued, replay_key = found
     if issued is not None:
-        if issued < arrival - freshness_window_ms:
-            return Rejection(RejectReason.STALE, f"issued {arrival - issued} ms before arrival")
-        if issued > arrival + freshness_window_ms:
-            return Rejection(RejectReason.FUTURE, f"issued {issued - arrival} ms after arrival")
-    try:
-        attempt = max(1, int(attrs.get(ATTEMPT, "1")))
-    except ValueError:
-        return Rejection(RejectReason.MALFORMED, "attempt is not an integer")
+        if issued < now - freshness_window_ms:
+            return Rejection(RejectReason.STALE, f"issued {now - issued} ms before it was read")
+        if issued > now + freshness_window_ms:
+            return Rejection(RejectReason.FUTURE, f"issued {issued - now} ms after it was read")
     message = OonaMessage(
         stream=stream,
         entry_id=entry_id,
         message_type=message_type,
         payload=envelope.payload,
         attributes=attrs,
-        attempt=attempt,
         kid=kid,
     )
-    return Accepted(message, replay_key)
+    return Accepted(message, replay_key, attrs.get(TARGET_GROUP) or None, issued)
 
 
-def _v1_kernel_fields(message_type: int, payload: bytes) -> tuple[str, int | None] | None:
-    """(request_id, issued_at in ms or None) from a v1 kernel payload."""
-    cls = _V1_REQUEST_ID[message_type]
-    inner = cls()
+def _issued_and_replay_key(
+    message_type: int, inner: bytes, signed: bytes, attrs: Mapping[str, str]
+) -> tuple[int | None, str] | Rejection:
+    """(issued_at in ms or None when it cannot be judged, replay key) for our envelope or a v1 one."""
+    issued_text, nonce = attrs.get(ISSUED_AT), attrs.get(NONCE)
+    if issued_text is not None or nonce is not None:
+        if not issued_text or not nonce:
+            return Rejection(RejectReason.MALFORMED, "envelope lacks issued_at_ms or nonce")
+        if len(nonce) > _MAX_NONCE:
+            return Rejection(RejectReason.MALFORMED, f"nonce longer than {_MAX_NONCE} characters")
+        if not issued_text.isascii() or not issued_text.isdigit() or len(issued_text) > 15:
+            return Rejection(RejectReason.MALFORMED, "issued_at_ms is not a decimal millisecond time")
+        return int(issued_text), f"n:{nonce}"
+    reader = _V1_READERS.get(message_type)
+    if reader is None:
+        return Rejection(RejectReason.MALFORMED, "v1 message of a type that carries no timestamp")
     try:
-        inner.ParseFromString(payload)
-    except (DecodeError, ValueError, RuntimeError):
+        issued, request_id = reader(inner)
+    except (DecodeError, ValueError, RuntimeError, OverflowError):
+        return Rejection(RejectReason.MALFORMED, "v1 payload does not parse")
+    if message_type in _V1_NEEDS_TIME and issued is None:
+        return Rejection(RejectReason.STALE, "v1 message without a timestamp")
+    if request_id is not None:
+        if not request_id:
+            return Rejection(RejectReason.MALFORMED, "v1 kernel message without request_id")
+        return issued, f"r:{message_type}:{hashlib.sha256(request_id.encode()).hexdigest()[:32]}"
+    return issued, f"d:{hashlib.sha256(signed).hexdigest()}"
+
+
+def _stamp_ms(stamp: Any) -> int | None:
+    if not (stamp.seconds or stamp.nanos):
         return None
-    issued: int | None = None
-    if isinstance(inner, leyline_pb2.KernelPrefetchRequest):
-        stamp = inner.issued_at
-        if stamp.seconds or stamp.nanos:
-            issued = stamp.seconds * 1000 + stamp.nanos // 1_000_000
-    return inner.request_id, issued
+    return int(stamp.seconds) * 1000 + int(stamp.nanos) // 1_000_000
+
+
+def _parse(cls: type[Any], data: bytes) -> Any:
+    message = cls()
+    message.ParseFromString(data)
+    return message
+
+
+def _v1_request(data: bytes) -> tuple[int | None, str | None]:
+    request = _parse(_T.KernelPrefetchRequest, data)
+    return _stamp_ms(request.issued_at), request.request_id
+
+
+def _v1_reply(cls: type[Any]) -> Callable[[bytes], tuple[int | None, str | None]]:
+    def read(data: bytes) -> tuple[int | None, str | None]:
+        return None, _parse(cls, data).request_id
+
+    return read
+
+
+def _v1_stamped(cls: type[Any], stamp_field: str) -> Callable[[bytes], tuple[int | None, str | None]]:
+    def read(data: bytes) -> tuple[int | None, str | None]:
+        return _stamp_ms(getattr(_parse(cls, data), stamp_field)), None
+
+    return read
+
+
+def _v1_state(data: bytes) -> tuple[int | None, str | None]:
+    stamp_ns = _parse(_T.SystemStatePacket, data).timestamp_ns
+    return (stamp_ns // 1_000_000 if stamp_ns else None), None
+
+
+#: How to find the time (and for kernel replies the request id) of a v1 peer's message, by type.
+#: Kernel replies carry no time: their replay key is the request id, and freshness is the requester's.
+_V1_READERS: dict[int, Callable[[bytes], tuple[int | None, str | None]]] = {
+    _T.BUS_MESSAGE_TYPE_KERNEL_PREFETCH_REQUEST: _v1_request,
+    _T.BUS_MESSAGE_TYPE_KERNEL_PREFETCH_READY: _v1_reply(_T.KernelArtifactReady),
+    _T.BUS_MESSAGE_TYPE_KERNEL_PREFETCH_ERROR: _v1_reply(_T.KernelArtifactError),
+    _T.BUS_MESSAGE_TYPE_TELEMETRY: _v1_stamped(_T.TelemetryPacket, "timestamp"),
+    _T.BUS_MESSAGE_TYPE_SYSTEM_STATE: _v1_state,
+    _T.BUS_MESSAGE_TYPE_FIELD_REPORT: _v1_stamped(_T.FieldReport, "issued_at"),
+    _T.BUS_MESSAGE_TYPE_ADAPTATION_COMMAND: _v1_stamped(_T.AdaptationCommand, "issued_at"),
+    _T.BUS_MESSAGE_TYPE_POLICY_UPDATE: _v1_stamped(_T.PolicyUpdate, "issued_at"),
+}
+_V1_NEEDS_TIME = frozenset(_V1_READERS) - {
+    _T.BUS_MESSAGE_TYPE_KERNEL_PREFETCH_READY,
+    _T.BUS_MESSAGE_TYPE_KERNEL_PREFETCH_ERROR,
+}
 
 
 def dead_letter_fields(
-    fields: Mapping[bytes, bytes], *, reason: RejectReason | str, stream: str, entry_id: str, detail: str
+    fields: Mapping[bytes, bytes],
+    *,
+    reason: RejectReason | str,
+    stream: str,
+    entry_id: str,
+    group: str,
+    detail: str,
+    max_payload_bytes: int,
 ) -> dict[bytes, bytes]:
-    """The dead-letter entry: original payload/signature/kid untouched plus why and where from.
+    """The dead-letter entry: the original payload/signature/kid plus why, where from and which group.
 
+    An oversized payload is stored as its length and SHA-256, never copied.
     ``detail`` is produced by this package (never from secrets or handler
     exception messages, which may contain anything), capped in length.
     """
     out: dict[bytes, bytes] = {}
-    for name in (PAYLOAD, SIGNATURE, KID):
+    payload = fields.get(PAYLOAD)
+    if isinstance(payload, OmittedValue) and payload.deferred:
+        pass  # the entry as a whole was larger than a read may hold: nothing of it was kept
+    elif isinstance(payload, OmittedValue):
+        out[b"payload_bytes"] = str(payload.length).encode()
+        out[b"payload_sha256"] = payload.sha256.encode()
+    elif payload is not None and len(payload) > max_payload_bytes:
+        out[b"payload_bytes"] = str(len(payload)).encode()
+        out[b"payload_sha256"] = hashlib.sha256(payload).hexdigest().encode()
+    elif payload is not None:
+        out[PAYLOAD] = payload
+    for name in (SIGNATURE, KID):
         value = fields.get(name)
-        if value is not None:
+        if value is not None and not isinstance(value, OmittedValue) and len(value) <= _MAX_SIGNATURE:
             out[name] = value
     out[b"reason"] = str(reason).encode()
     out[b"source_stream"] = stream.encode()
     out[b"source_id"] = entry_id.encode()
+    out[b"group"] = group.encode()
     out[b"detail"] = detail[:200].encode("utf-8", "replace")
     return out

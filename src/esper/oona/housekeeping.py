@@ -1,96 +1,112 @@
-"""Trimming that never drops an entry some consumer group still owes an ack for.
+"""Housekeeping: trim streams without dropping what a group still needs, and account for what was lost.
 
-For each stream the *floor* is the oldest id any group has not acknowledged:
-its oldest pending entry, or the first entry after its last-delivered id.
-TTL (MINID) and max-length cuts are both clamped to that floor, and trims are
-exact so the reported counts are real. The dead-letter stream has no groups
-to protect and is cut by length only.
+Per stream, each pass (run every ``WEATHERLIGHT_HOUSEKEEPING_INTERVAL_S``):
+
+- trims by age (``message_ttl_ms``) and length (``max_stream_length``), but
+  never past an entry pending in any group, nor past an entry a *live* group
+  has not read yet; a group whose consumers have all been silent for longer
+  than the TTL no longer protects what it has not read (TRIM script). The
+  cost is proportional to what is removed, not to the stream's length;
+- counts, once, the entries each group lost unread, whether to this trim or
+  to the hard cap applied at publish (COUNT_GAPS script, from the server's own
+  per-group lag): ``oona_trimmed_unread_total{stream,group}`` and a warning;
+- removes consumers that have been silent for a long time and hold nothing
+  (a replica that is gone for good), so groups do not fill with dead names;
+- refreshes the pending-entries gauge of every group.
+
+The dead-letter stream is cut by length only: operators read it, no group does.
+Several replicas may run housekeeping at once: every step is idempotent and
+each lost entry is counted by exactly one of them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from esper.oona.envelope import now_ms
+from esper.core.logs import get_logger
+from esper.oona import envelope
+from esper.oona.link import Link
+from esper.oona.scripts import COUNT_GAPS, TRIM
 
-StreamId = tuple[int, int]
-
-# Id of the oldest entry kept when keeping the newest ARGV[1] entries; avoids
-# shipping up to max-length entries to the client just to find one id.
-_NTH_NEWEST = """
-local r = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', ARGV[1])
-if #r < tonumber(ARGV[1]) then return false end
-return r[#r][1]
-"""
+_log = get_logger("esper.oona.housekeeping")
+#: Without a TTL, a group silent this long stops protecting what it has not read.
+_DEFAULT_GROUP_IDLE_MS = 3_600_000
 
 
-def parse_id(value: bytes | str) -> StreamId:
-    text = value.decode() if isinstance(value, bytes) else value
-    ms, _, seq = text.partition("-")
-    return int(ms), int(seq or 0)
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def format_id(value: StreamId) -> str:
-    return f"{value[0]}-{value[1]}"
+@dataclass
+class HousekeepingReport:
+    trimmed: dict[str, int] = field(default_factory=dict)
+    unread_lost: dict[tuple[str, str], int] = field(default_factory=dict)
+    consumers_removed: int = 0
+    pending: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
-async def unacked_floor(redis: aioredis.Redis, stream: str) -> StreamId | None:
-    """Oldest id not yet acknowledged by some group; None when no group exists."""
-    try:
-        groups: list[dict[Any, Any]] = await redis.xinfo_groups(stream)
-    except ResponseError:
-        return None
-    floor: StreamId | None = None
-    for info in groups:
-        name: Any = info.get("name")
-        last = parse_id(info.get("last-delivered-id") or b"0-0")
-        candidate: StreamId = (last[0], last[1] + 1)
-        if int(info.get("pending") or 0) > 0:
-            summary = await redis.xpending(stream, name)
-            if summary.get("min"):
-                candidate = min(candidate, parse_id(summary["min"]))
-        floor = candidate if floor is None else min(floor, candidate)
-    return floor
+class Housekeeper:
+    def __init__(self, link: Link) -> None:
+        self.link = link
+        redis = link.redis
+        self._trim = redis.register_script(TRIM)
+        self._gaps = redis.register_script(COUNT_GAPS)
 
+    @property
+    def consumer_expiry_ms(self) -> int:
+        """A consumer silent this long, holding nothing, is removed from its group."""
+        return max(60_000, 4 * self.link.config.delivery.claim_idle_ms)
 
-async def trim_stream(
-    redis: aioredis.Redis, stream: str, *, ttl_ms: int | None, max_length: int | None
-) -> int:
-    """Trim ``stream`` by age and length without passing its un-acked floor."""
-    cut: StreamId | None = None
-    if ttl_ms:
-        cut = (max(0, now_ms() - ttl_ms), 0)
-    if max_length:
-        nth = await redis.eval(_NTH_NEWEST, 1, stream, str(max_length))
-        if nth:
-            length_cut = parse_id(nth)
-            cut = length_cut if cut is None else max(cut, length_cut)
-    if cut is None:
-        return 0
-    floor = await unacked_floor(redis, stream)
-    if floor is not None:
-        cut = min(cut, floor)
-    trimmed: int = await redis.xtrim(stream, minid=format_id(cut), approximate=False)
-    return trimmed
+    async def run_once(self) -> HousekeepingReport:
+        c, keys, redis = self.link.config, self.link.keys, self.link.redis
+        report = HousekeepingReport()
+        idle_limit = c.message_ttl_ms or _DEFAULT_GROUP_IDLE_MS
+        for stream in c.streams:
+            key = keys.stream(stream)
+            if stream == c.dead_letter_stream:
+                removed = int(await redis.xtrim(key, maxlen=c.dead_letter_max_length, approximate=False))
+            else:
+                raw: Any = await self._trim(
+                    keys=[key],
+                    args=[envelope.now_ms(), c.message_ttl_ms or 0, c.max_stream_length or 0, idle_limit],
+                )
+                removed = int(raw[0])
+                gaps: Any = await self._gaps(keys=[key, keys.gaps(stream)])
+                for name, lost in zip(gaps[::2], gaps[1::2], strict=True):
+                    group = _text(name)
+                    report.unread_lost[(stream, group)] = int(lost)
+                    self.link.metrics.on_trimmed_unread(stream, group, int(lost))
+                    _log.warning("oona.trimmed_unread", stream=stream, group=group, entries=int(lost))
+                report.consumers_removed += await self._remove_dead_consumers(key)
+            report.trimmed[stream] = removed
+            self.link.metrics.on_trimmed(stream, removed)
+            report.pending[stream] = await self._pending(stream, key)
+        return report
 
+    async def _remove_dead_consumers(self, key: str) -> int:
+        redis = self.link.redis
+        removed = 0
+        try:
+            groups: Any = await redis.xinfo_groups(key)
+        except ResponseError:
+            return 0
+        for info in groups:
+            group = _text(info["name"])
+            for consumer in await redis.xinfo_consumers(key, group):
+                if int(consumer.get("pending") or 0) == 0 and int(consumer["idle"]) > self.consumer_expiry_ms:
+                    await redis.xgroup_delconsumer(key, group, consumer["name"])
+                    removed += 1
+        return removed
 
-async def trim_streams(
-    redis: aioredis.Redis,
-    streams: Iterable[str],
-    *,
-    ttl_ms: int | None,
-    max_length: int | None,
-    dead_letter_stream: str,
-    dead_letter_max_length: int,
-) -> dict[str, int]:
-    result: dict[str, int] = {}
-    for stream in streams:
-        if stream == dead_letter_stream:
-            result[stream] = int(await redis.xtrim(stream, maxlen=dead_letter_max_length, approximate=False))
-        else:
-            result[stream] = await trim_stream(redis, stream, ttl_ms=ttl_ms, max_length=max_length)
-    return result
+    async def _pending(self, stream: str, key: str) -> dict[str, int]:
+        try:
+            groups: Any = await self.link.redis.xinfo_groups(key)
+        except ResponseError:
+            return {}
+        out = {_text(info["name"]): int(info.get("pending") or 0) for info in groups}
+        for group, depth in out.items():
+            self.link.metrics.set_pending(stream, group, depth)
+        return out

@@ -35,7 +35,34 @@ class OonaMetrics:
         self.ignored = Counter(
             "oona_ignored", "Verified entries of a type the consumer does not handle", ["stream"], registry=r
         )
-        self.retries = Counter("oona_retries", "Handler failures sent for retry", ["stream"], registry=r)
+        self.retries = Counter(
+            "oona_retries", "Failed deliveries scheduled to be delivered again", ["stream"], registry=r
+        )
+        self.claimed = Counter(
+            "oona_claimed",
+            "Entries taken over from a consumer that stopped answering",
+            ["stream"],
+            registry=r,
+        )
+        self.lost = Counter(
+            "oona_lost",
+            "Entries another consumer took over before this one committed (its replies were dropped)",
+            ["stream"],
+            registry=r,
+        )
+        self.commit_failures = Counter(
+            "oona_commit_failures",
+            "Commits (acks, replies, dead letters) the server refused",
+            ["stream"],
+            registry=r,
+        )
+        self.trimmed = Counter("oona_trimmed", "Entries removed by housekeeping", ["stream"], registry=r)
+        self.trimmed_unread = Counter(
+            "oona_trimmed_unread",
+            "Entries trimmed (by housekeeping or the length cap) before a group had read them",
+            ["stream", "group"],
+            registry=r,
+        )
         self.dead_letters = Counter(
             "oona_dead_letters", "Entries copied to the dead letter stream", ["reason"], registry=r
         )
@@ -59,12 +86,14 @@ class OonaMetrics:
     def _bump(self, key: str, amount: float = 1.0) -> None:
         self._flat[key] += amount
 
-    def on_published(self, stream: str, seconds: float) -> None:
+    def on_published(self, stream: str, seconds: float | None = None) -> None:
+        """One entry published; ``seconds`` is the XADD's latency (None for a committed reply)."""
         self.published.labels(stream).inc()
-        self.publish_latency.labels(stream).observe(seconds)
         self._bump(f"published.{stream}")
-        self._bump("publish_latency_ms.count")
-        self._bump("publish_latency_ms.sum", seconds * 1000)
+        if seconds is not None:
+            self.publish_latency.labels(stream).observe(seconds)
+            self._bump("publish_latency_ms.count")
+            self._bump("publish_latency_ms.sum", seconds * 1000)
 
     def on_publish_failed(self, stream: str, reason: str) -> None:
         self.publish_failed.labels(stream, reason).inc()
@@ -97,16 +126,36 @@ class OonaMetrics:
         self.retries.labels(stream).inc()
         self._bump(f"retries.{stream}")
 
+    def on_claimed(self, stream: str, count: int) -> None:
+        self.claimed.labels(stream).inc(count)
+        self._bump(f"claimed.{stream}", count)
+
+    def on_lost(self, stream: str) -> None:
+        self.lost.labels(stream).inc()
+        self._bump(f"lost.{stream}")
+
+    def on_commit_failed(self, stream: str) -> None:
+        self.commit_failures.labels(stream).inc()
+        self._bump(f"commit_failed.{stream}")
+
+    def on_trimmed(self, stream: str, count: int) -> None:
+        if count:
+            self.trimmed.labels(stream).inc(count)
+            self._bump(f"trimmed.{stream}", count)
+
+    def on_trimmed_unread(self, stream: str, group: str, count: int) -> None:
+        self.trimmed_unread.labels(stream, group).inc(count)
+        self._bump(f"trimmed_unread.{stream}.{group}", count)
+        self._bump("trimmed_unread.total", count)
+
     def on_dead_letter(self, reason: str) -> None:
         self.dead_letters.labels(reason).inc()
         self._bump("deadletter.total")
         self._bump(f"deadletter.{reason}")
 
-    def set_pending(self, stream: str, group: str, depth: int, *, primary: bool) -> None:
+    def set_pending(self, stream: str, group: str, depth: int) -> None:
         self.pending.labels(stream, group).set(depth)
         self._flat[f"pending.{stream}.{group}"] = float(depth)
-        if primary:
-            self._flat[f"pending.{stream}"] = float(depth)
 
     def set_breaker(self, name: str, state: int) -> None:
         self.breaker_state.labels(name).set(state)
@@ -116,6 +165,7 @@ class OonaMetrics:
         """Every counter and gauge by flat name (without the ``oona.`` prefix)."""
         snap = dict(self._flat)
         snap.setdefault("deadletter.total", 0.0)
+        snap.setdefault("trimmed_unread.total", 0.0)
         return snap
 
     def packet(self, source: str = "oona") -> leyline_pb2.TelemetryPacket:

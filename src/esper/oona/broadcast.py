@@ -1,0 +1,201 @@
+"""``BroadcastReader``: a reader that sees every entry of a stream, for when every process must.
+
+E.g. training processes each waiting for the ``KernelArtifactReady`` of their
+own request id, or every Weatherlight replica applying each policy update.
+It reads with XREAD from the last id it saw (no group, so it pins nothing and
+acknowledges nothing), runs the same verification as a subscription, and
+keeps its own replay guard in Redis (scoped to this reader's instance, so a
+restart that resumes from an old id does not mistake entries it already saw
+for replays). Refusals and handler failures are counted and logged; there is
+no retry, because there is no group to hold the entry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Collection
+from typing import Any
+
+from redis.exceptions import ResponseError
+
+from esper.core.logs import get_logger
+from esper.core.worker import WorkerContext, unwrap
+from esper.oona import envelope
+from esper.oona.blocking import BlockingRead
+from esper.oona.delivery import has_deferred
+from esper.oona.envelope import Accepted, Rejection
+from esper.oona.link import REDIS_FAILURES, TRANSIENT, Link
+from esper.oona.messages import Handler, RejectMessage, RejectReason
+
+_log = get_logger("esper.oona.broadcast")
+
+
+class BroadcastReader:
+    """Sees every entry of ``stream`` after ``start_id`` (``"$"``: from when it starts)."""
+
+    def __init__(
+        self,
+        link: Link,
+        stream: str,
+        handler: Handler,
+        *,
+        types: Collection[int],
+        ignore_types: Collection[int] = (),
+        start_id: str = "$",
+        batch: int = 64,
+    ) -> None:
+        if not types:
+            raise ValueError("declare the message types this reader handles")
+        self.link = link
+        self.stream = stream
+        self.handler = handler
+        self.types = frozenset(int(t) for t in types)
+        self.ignore_types = frozenset(int(t) for t in ignore_types) - self.types
+        self.batch = max(1, batch)
+        #: The id after which the next read starts; a new reader given it resumes where this one was.
+        self.last_id = start_id
+        self._key = link.keys.stream(stream)
+        self._scope = f"bcast:{link.config.instance}"
+        self._backoff_s = link.config.reconnect_base_ms / 1000
+
+    async def run(self, ctx: WorkerContext) -> None:
+        """Read until ``ctx.stopping``; started once positioned (nothing published later is missed)."""
+        reader = BlockingRead()
+        try:
+            async with asyncio.TaskGroup() as group:
+                helper = group.create_task(reader.abandon_when(ctx.stopping))
+                try:
+                    await self._serve(ctx, reader)
+                finally:
+                    helper.cancel()
+        except BaseExceptionGroup as failure:
+            raise unwrap(failure) from None
+
+    async def _serve(self, ctx: WorkerContext, reader: BlockingRead) -> None:
+        while self.last_id == "$" and not ctx.stopping.is_set():
+            try:
+                info: Any = await self.link.redis.xinfo_stream(self._key)
+                self.last_id = _text(info.get("last-generated-id") or b"0-0")
+            except ResponseError:
+                self.last_id = "0-0"  # no stream yet: everything written from now on is new
+            except TRANSIENT as exc:
+                await self._outage(ctx, exc)
+        if ctx.stopping.is_set():
+            return
+        ctx.started()
+        redis, c = self.link.redis, self.link.config
+        while not ctx.stopping.is_set():
+            try:
+                raw: Any = await reader.read(
+                    lambda: redis.xread({self._key: self.last_id}, count=self.batch, block=c.block_ms)
+                )
+                entries = [(_text(i), f) for _s, batch in raw or [] for i, f in batch]
+                if entries:
+                    await self._process(ctx, entries)
+                    self.last_id = entries[-1][0]
+            except REDIS_FAILURES as exc:
+                await self._outage(ctx, exc)
+                continue
+            self.link.health.clear(f"broadcast:{self.stream}")
+            self._backoff_s = c.reconnect_base_ms / 1000
+            ctx.progress()
+
+    async def _outage(self, ctx: WorkerContext, exc: BaseException) -> None:
+        text = f"{type(exc).__name__}: {exc}"[:200]
+        self.link.health.report(f"broadcast:{self.stream}", f"broadcast reader of {self.stream}: {text}")
+        _log.warning("oona.broadcast_redis_error", stream=self.stream, error=text, retry_in_s=self._backoff_s)
+        await ctx.wait_stopping(self._backoff_s)
+        self._backoff_s = min(self._backoff_s * 2, self.link.config.reconnect_max_ms / 1000)
+
+    async def _process(self, ctx: WorkerContext, entries: list[tuple[str, Any]]) -> None:
+        link, metrics = self.link, self.link.metrics
+        c = link.config
+        accepted: list[Accepted] = []
+        for entry_id, fields in entries:
+            if fields is None:
+                continue
+            if has_deferred(fields):
+                rows: Any = await link.redis.xrange(self._key, entry_id, entry_id)
+                fields = rows[0][1] if rows else None
+                if fields is None or has_deferred(fields):
+                    metrics.on_rejected(self.stream, RejectReason.OVERSIZED.value)
+                    continue
+            outcome = envelope.verify_entry(
+                link.keyring,
+                self.stream,
+                entry_id,
+                fields,
+                expected_types=self.types | self.ignore_types,
+                now=envelope.now_ms(),
+                freshness_window_ms=c.freshness_window_ms,
+                max_payload_bytes=c.max_payload_bytes,
+            )
+            if isinstance(outcome, Rejection):
+                metrics.on_rejected(self.stream, outcome.reason.value)
+                _log.warning(
+                    "oona.broadcast_rejected",
+                    stream=self.stream,
+                    entry_id=entry_id,
+                    reason=outcome.reason.value,
+                    detail=outcome.detail,
+                )
+            elif outcome.target_group is not None:
+                continue  # a dead letter handed back to one group only
+            elif outcome.message.message_type in self.ignore_types:
+                metrics.on_ignored(self.stream, 1)
+            else:
+                accepted.append(outcome)
+        for item, fresh in zip(accepted, await self._claim(accepted), strict=True):
+            if not fresh:
+                metrics.on_rejected(self.stream, RejectReason.REPLAY.value)
+                continue
+            await self._handle(item)
+            ctx.progress()
+
+    async def _claim(self, accepted: list[Accepted]) -> list[bool]:
+        """One pipelined ``SET key ref NX GET PX ttl`` per message; True where it is not a replay."""
+        if not accepted:
+            return []
+        keys, ttl = self.link.keys, self.link.config.replay_ttl_ms
+        async with self.link.redis.pipeline(transaction=False) as pipe:
+            for item in accepted:
+                ref = f"{self.stream}/{item.message.entry_id}"
+                pipe.set(keys.replay(self._scope, item.replay_key), ref, nx=True, get=True, px=ttl)
+            previous = await pipe.execute()
+        return [
+            seen is None or seen == f"{self.stream}/{item.message.entry_id}".encode()
+            for item, seen in zip(accepted, previous, strict=True)
+        ]
+
+    async def _handle(self, item: Accepted) -> None:
+        message, metrics = item.message, self.link.metrics
+        started = time.perf_counter()
+        timeout = self.link.config.delivery.handler_timeout_ms / 1000
+        try:
+            async with asyncio.timeout(timeout):
+                produced = await self.handler(message)
+        except RejectMessage as refusal:
+            metrics.on_rejected(self.stream, refusal.reason)
+            _log.warning(
+                "oona.broadcast_handler_rejected",
+                stream=self.stream,
+                entry_id=message.entry_id,
+                reason=refusal.reason,
+                detail=refusal.detail[:200],
+            )
+            return
+        except Exception as exc:  # noqa: BLE001 - a handler bug is counted and logged, the reader goes on
+            metrics.on_handler_failed(self.stream, time.perf_counter() - started)
+            metrics.on_rejected(self.stream, RejectReason.HANDLER_FAILED.value)
+            _log.warning(
+                "oona.broadcast_handler_failed", stream=self.stream, entry_id=message.entry_id, exc_info=exc
+            )
+            return
+        metrics.on_consumed(self.stream, time.perf_counter() - started)
+        if produced:
+            _log.error("oona.broadcast_handler_replied", stream=self.stream, dropped=len(produced))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,470 @@
+"""``Subscription``: one (stream, group, handler, policy), run as a worker.
+
+The group exists only on the stream it reads; it is created positioned at the
+start of the freshness window, so a new group is handed what may still be
+fresh, not a stream's whole history. Each entry goes to one consumer of the
+group and is handled under a deadline (:mod:`esper.oona.delivery`); what
+the handler produced commits together with its acknowledgement
+(:mod:`esper.oona.commit`). Concretely, one turn of the loop:
+
+1. commits left over from a refused commit are retried first (with backoff;
+   no new entries are read while any wait, so memory stays bounded and the
+   problem is reported to the client's health board);
+2. after a start or an outage, this consumer's own pending entries are taken
+   up again at once (stable consumer names make a restarted replica resume
+   its own work without waiting for a claim);
+3. failed deliveries whose backoff has passed are delivered again;
+4. entries held longer than ``claim_idle_ms`` by a consumer that stopped
+   answering are taken over (live consumers keep their long-running entries
+   fresh, so they are never taken from them);
+5. a blocking read of new entries, at most until the next retry is due.
+
+Errors from Redis never end the worker: they are counted on the consume
+breaker, reported and waited out with backoff; the worker stops only when
+``ctx.stopping`` is set, after the batch in flight has committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from esper.core.logs import get_logger
+from esper.core.worker import WorkerContext, unwrap
+from esper.oona import envelope
+from esper.oona.blocking import BlockingRead
+from esper.oona.commit import Ack, CommitItem, CommitTarget, Committer, DeadLetter, Done
+from esper.oona.config import DeliveryPolicy
+from esper.oona.delivery import Dispatcher, Retry, has_deferred
+from esper.oona.envelope import Accepted
+from esper.oona.link import REDIS_FAILURES, TRANSIENT, Link
+from esper.oona.messages import Handler, RejectReason
+from esper.oona.scripts import CREATE_GROUP
+
+_log = get_logger("esper.oona.subscription")
+#: Results of a serial batch are committed together unless the first has waited this long.
+_COMMIT_LINGER_S = 0.005
+Delivery = tuple[str, Mapping[bytes, bytes] | None, int]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class Subscription:
+    """Consume ``stream`` as a member of ``group``; run with ``await subscription.run(ctx)``.
+
+    ``types`` go to the handler; ``ignore_types`` are other types that
+    legitimately share the stream (verified, acknowledged, counted as
+    ignored). ``on_committed`` is called with the entry ids of each commit.
+    """
+
+    def __init__(
+        self,
+        link: Link,
+        stream: str,
+        group: str,
+        handler: Handler,
+        *,
+        types: Collection[int],
+        ignore_types: Collection[int] = (),
+        policy: DeliveryPolicy | None = None,
+        on_committed: Callable[[list[str]], None] | None = None,
+    ) -> None:
+        if not types:
+            raise ValueError("declare the message types this subscription handles")
+        if not group:
+            raise ValueError("a subscription needs a group")
+        config = link.config
+        self.link = link
+        self.stream = stream
+        self.group = group
+        self.consumer = config.instance
+        self.policy = policy or config.delivery
+        if self.policy.retry_backoff_max_ms >= self.policy.claim_idle_ms:
+            raise ValueError("retry_backoff_max_ms must be below claim_idle_ms")
+        self.dispatcher = Dispatcher(
+            link,
+            stream,
+            group,
+            handler,
+            types=frozenset(int(t) for t in types),
+            ignore_types=frozenset(int(t) for t in ignore_types),
+            policy=self.policy,
+        )
+        self.committer = Committer(
+            link.redis,
+            link.keys,
+            CommitTarget(
+                stream=stream,
+                group=group,
+                consumer=self.consumer,
+                dead_letter_stream=config.dead_letter_stream,
+                replay_ttl_ms=config.replay_ttl_ms,
+                cap=config.cap,
+                dead_letter_cap=config.dead_letter_max_length,
+            ),
+        )
+        self._on_committed = on_committed
+        self._key = link.keys.stream(stream)
+        self._create_group = link.redis.register_script(CREATE_GROUP)
+        self._health_key = f"{stream}/{group}"
+        self._retries: dict[str, tuple[float, int]] = {}
+        self._in_flight: dict[str, float] = {}
+        self._uncommitted: list[CommitItem] = []
+        self._queue: list[CommitItem] = []
+        self._committing = False
+        self._recover = True
+        self._next_claim = 0.0
+        self._claim_cursor = "0-0"
+        self._backoff_s = config.reconnect_base_ms / 1000
+        self._read = BlockingRead()
+
+    @property
+    def name(self) -> str:
+        return f"{self.stream}/{self.group}"
+
+    # -- running ---------------------------------------------------------------------------
+
+    async def run(self, ctx: WorkerContext) -> None:
+        """Consume until ``ctx.stopping``; started once the group exists and reading begins."""
+        self._read = reader = BlockingRead()
+        helpers: list[asyncio.Task[None]] = []
+        try:
+            async with asyncio.TaskGroup() as group:
+                helpers.append(group.create_task(reader.abandon_when(ctx.stopping)))
+                helpers.append(group.create_task(self._keep_alive(ctx)))
+                try:
+                    await self._serve(ctx)
+                finally:
+                    for task in helpers:
+                        task.cancel()
+        except BaseExceptionGroup as failure:
+            raise unwrap(failure) from None
+
+    async def _serve(self, ctx: WorkerContext) -> None:
+        while not ctx.stopping.is_set():
+            try:
+                await self.ensure_group()
+                break
+            except REDIS_FAILURES as exc:
+                await self._outage(ctx, exc)
+        else:
+            return
+        ctx.started()
+        _log.info("oona.subscribed", stream=self.stream, group=self.group, consumer=self.consumer)
+        while not ctx.stopping.is_set():
+            try:
+                await self._turn(ctx)
+            except TRANSIENT as exc:
+                await self._outage(ctx, exc)
+            except RedisError as exc:
+                if "NOGROUP" in str(exc):
+                    self._recover = True
+                    await self.ensure_group()
+                else:
+                    await self._outage(ctx, exc)
+            else:
+                self._recovered()
+            ctx.progress()
+        if self._uncommitted:
+            await self._retry_uncommitted()
+
+    async def ensure_group(self) -> None:
+        """Create the group at the start of the freshness window (an existing one is kept)."""
+        start = f"{max(0, envelope.now_ms() - self.link.config.freshness_window_ms)}-0"
+        created = await self._create_group(keys=[self._key], args=[self.group, start])
+        if created:
+            _log.info("oona.group_created", stream=self.stream, group=self.group, start=start)
+
+    def _recovered(self) -> None:
+        breaker = self.link.consume_breaker
+        breaker.record_success()
+        self.link.health.clear(f"read:{self._health_key}")
+        self._backoff_s = self.link.config.reconnect_base_ms / 1000
+
+    async def _outage(self, ctx: WorkerContext, exc: BaseException) -> None:
+        """Count, report and wait out a Redis problem; the consumer itself stays alive."""
+        self.link.consume_breaker.record_failure()
+        self._recover = True
+        text = f"{type(exc).__name__}: {exc}"[:200]
+        self.link.health.report(f"read:{self._health_key}", f"{self.name} cannot read: {text}")
+        if isinstance(exc, TRANSIENT):
+            _log.warning(
+                "oona.consume_redis_error", subscription=self.name, error=text, retry_in_s=self._backoff_s
+            )
+        else:
+            _log.error("oona.consume_unexpected_error", subscription=self.name, exc_info=exc)
+        await ctx.wait_stopping(self._backoff_s)
+        self._backoff_s = min(self._backoff_s * 2, self.link.config.reconnect_max_ms / 1000)
+
+    async def _turn(self, ctx: WorkerContext) -> None:
+        if self._uncommitted and not await self._retry_uncommitted():
+            await ctx.wait_stopping(self._backoff_s)
+            self._backoff_s = min(self._backoff_s * 2, self.link.config.reconnect_max_ms / 1000)
+            return
+        if self._recover:
+            await self._recover_own(ctx)
+            self._recover = False
+        await self._deliver_due_retries(ctx)
+        now = time.monotonic()
+        if now >= self._next_claim:
+            await self._claim_stale(ctx)
+            self._next_claim = now + self.policy.claim_idle_ms / 2000
+        if len(self._retries) >= 4 * self.policy.batch:
+            await ctx.wait_stopping(self._until_next_retry_s() or self.link.config.block_ms / 1000)
+            return  # hold back new work until failing entries drain
+        block_ms = self.link.config.block_ms
+        wait = self._until_next_retry_s()
+        if wait is not None:
+            block_ms = max(1, min(block_ms, int(wait * 1000) + 1))
+        redis = self.link.redis
+        raw: Any = await self._read.read(
+            lambda: redis.xreadgroup(
+                self.group, self.consumer, {self._key: ">"}, count=self.policy.batch, block=block_ms
+            )
+        )
+        deliveries = [(_text(eid), fields, 1) for _s, entries in raw or [] for eid, fields in entries]
+        if deliveries:
+            ctx.progress()
+            await self.process(ctx, deliveries)
+
+    def _until_next_retry_s(self) -> float | None:
+        if not self._retries:
+            return None
+        return max(0.0, min(due for due, _ in self._retries.values()) - time.monotonic())
+
+    # -- taking entries up again -------------------------------------------------------------
+
+    async def _recover_own(self, ctx: WorkerContext) -> None:
+        """Entries pending for this consumer name (a previous run, or reads lost in an outage)."""
+        redis = self.link.redis
+        start = "-"
+        while not ctx.stopping.is_set():
+            rows = await redis.xpending_range(
+                self._key, self.group, start, "+", self.policy.claim_batch, consumername=self.consumer
+            )
+            rows = [r for r in rows if _text(r["message_id"]) not in self._retries]
+            if not rows:
+                return
+            counts = {_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
+            idle = min(int(r["time_since_delivered"]) for r in rows)
+            claimed: Any = await redis.xclaim(self._key, self.group, self.consumer, idle, [*counts])
+            _log.info("oona.resumed_own_pending", subscription=self.name, count=len(claimed))
+            await self.process(ctx, [(_text(i), f, counts.get(_text(i), 1) + 1) for i, f in claimed])
+            start = "(" + list(counts)[-1]
+
+    async def _deliver_due_retries(self, ctx: WorkerContext) -> None:
+        now = time.monotonic()
+        due = {eid: attempt for eid, (at, attempt) in self._retries.items() if at <= now}
+        if not due:
+            return
+        for eid in due:
+            del self._retries[eid]
+        # Only entries still ours and idle at least since the failure: never take one back
+        # from a consumer that took it over meanwhile.
+        claimed: Any = await self.link.redis.xclaim(
+            self._key, self.group, self.consumer, self.policy.retry_backoff_ms, [*due]
+        )
+        await self.process(ctx, [(_text(i), f, due[_text(i)] + 1) for i, f in claimed])
+
+    async def _claim_stale(self, ctx: WorkerContext) -> None:
+        """Take over one page of entries whose consumer has been silent for ``claim_idle_ms``."""
+        redis = self.link.redis
+        reply: Any = await redis.xautoclaim(
+            self._key,
+            self.group,
+            self.consumer,
+            self.policy.claim_idle_ms,
+            start_id=self._claim_cursor,
+            count=self.policy.claim_batch,
+        )
+        self._claim_cursor = _text(reply[0])
+        claimed = [(_text(i), f) for i, f in reply[1] if i is not None]
+        if not claimed:
+            return
+        rows = await redis.xpending_range(
+            self._key, self.group, claimed[0][0], claimed[-1][0], len(claimed), consumername=self.consumer
+        )
+        counts = {_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
+        self.link.metrics.on_claimed(self.stream, len(claimed))
+        _log.info("oona.claimed", subscription=self.name, count=len(claimed))
+        await self.process(ctx, [(i, f, counts.get(i, 2)) for i, f in claimed])
+
+    async def _keep_alive(self, ctx: WorkerContext) -> None:
+        """Keep long-running entries from looking abandoned, so no other consumer claims them."""
+        period = self.policy.claim_idle_ms / 3000
+        while not await ctx.wait_stopping(period):
+            old = [eid for eid, since in self._in_flight.items() if time.monotonic() - since >= period]
+            if not old:
+                continue
+            try:
+                await self.link.redis.xclaim(self._key, self.group, self.consumer, 0, [*old], justid=True)
+            except REDIS_FAILURES as exc:
+                _log.warning("oona.keep_alive_failed", subscription=self.name, error=type(exc).__name__)
+
+    # -- processing ------------------------------------------------------------------------
+
+    async def process(self, ctx: WorkerContext, deliveries: Sequence[Delivery]) -> None:
+        """Screen, handle and commit one batch of deliveries."""
+        items: list[CommitItem] = []
+        runnable: list[tuple[Accepted, Mapping[bytes, bytes], int]] = []
+        alone: list[tuple[str, int]] = []
+        for entry_id, fields, attempt in deliveries:
+            if fields is not None and has_deferred(fields):
+                alone.append((entry_id, attempt))
+                continue
+            outcome = self.dispatcher.screen(entry_id, fields, attempt)
+            if isinstance(outcome, Accepted):
+                runnable.append((outcome, fields or {}, attempt))
+            else:
+                items.append(outcome)
+        if self.policy.concurrency == 1 or len(runnable) <= 1:
+            await self._handle_serially(ctx, runnable, items)
+        else:
+            await self._handle_concurrently(ctx, runnable, items)
+        for entry_id, attempt in alone:
+            await self._fetch_alone(ctx, entry_id, attempt)
+
+    async def _handle_serially(
+        self,
+        ctx: WorkerContext,
+        runnable: list[tuple[Accepted, Mapping[bytes, bytes], int]],
+        items: list[CommitItem],
+    ) -> None:
+        first_waiting: float | None = time.monotonic() if items else None
+        for accepted, fields, attempt in runnable:
+            outcome = await self._handle(accepted, fields, attempt)
+            ctx.progress()
+            if isinstance(outcome, Retry):
+                continue
+            items.append(outcome)
+            if first_waiting is None:
+                first_waiting = time.monotonic()
+            elif time.monotonic() - first_waiting >= _COMMIT_LINGER_S:
+                await self._commit(items)
+                items, first_waiting = [], None
+        await self._commit(items)
+
+    async def _handle_concurrently(
+        self,
+        ctx: WorkerContext,
+        runnable: list[tuple[Accepted, Mapping[bytes, bytes], int]],
+        items: list[CommitItem],
+    ) -> None:
+        limit = asyncio.Semaphore(self.policy.concurrency)
+        self._queue.extend(items)
+
+        async def one(accepted: Accepted, fields: Mapping[bytes, bytes], attempt: int) -> None:
+            async with limit:
+                outcome = await self._handle(accepted, fields, attempt)
+            ctx.progress()
+            if not isinstance(outcome, Retry):
+                self._queue.append(outcome)
+            await self._flush_queue()
+
+        async with asyncio.TaskGroup() as group:
+            for r in runnable:
+                group.create_task(one(*r))
+        await self._flush_queue()
+
+    async def _flush_queue(self) -> None:
+        """Group commit: whoever finds no commit under way commits everything queued, until none is.
+
+        So a slow handler never holds back the replies of fast ones, and under
+        load many results share one round trip.
+        """
+        if self._committing:
+            return
+        self._committing = True
+        try:
+            while self._queue:
+                batch, self._queue = self._queue, []
+                await self._commit(batch)
+        finally:
+            self._committing = False
+
+    async def _handle(
+        self, accepted: Accepted, fields: Mapping[bytes, bytes], attempt: int
+    ) -> CommitItem | Retry:
+        entry_id = accepted.message.entry_id
+        self._in_flight[entry_id] = time.monotonic()
+        try:
+            outcome = await self.dispatcher.handle(accepted, fields, attempt)
+        finally:
+            self._in_flight.pop(entry_id, None)
+        if isinstance(outcome, Retry):
+            self._retries[entry_id] = (outcome.due, outcome.attempt)
+        return outcome
+
+    async def _fetch_alone(self, ctx: WorkerContext, entry_id: str, attempt: int) -> None:
+        """An entry that did not fit in a shared read: read it by itself, or refuse it as oversized."""
+        rows: Any = await self.link.redis.xrange(self._key, entry_id, entry_id)
+        if not rows:
+            await self._commit([Ack(entry_id)])
+            return
+        fields = rows[0][1]
+        if has_deferred(fields):
+            self.link.metrics.on_rejected(self.stream, RejectReason.OVERSIZED.value)
+            detail = f"entry larger than one read may hold ({self.link.config.max_read_bytes} bytes)"
+            await self._commit(
+                [self.dispatcher.dead_letter(entry_id, fields, RejectReason.OVERSIZED, detail)]
+            )
+            return
+        await self.process(ctx, [(entry_id, fields, attempt)])
+
+    # -- committing ------------------------------------------------------------------------
+
+    async def _commit(self, items: list[CommitItem]) -> bool:
+        if not items:
+            return True
+        try:
+            statuses = await self.committer.commit(items)
+        except REDIS_FAILURES as exc:
+            self._uncommitted.extend(items)
+            self._commit_failed(exc)
+            return False
+        self.link.health.clear(f"commit:{self._health_key}")
+        self._account(items, statuses)
+        return True
+
+    async def _retry_uncommitted(self) -> bool:
+        items, self._uncommitted = self._uncommitted, []
+        return await self._commit(items)
+
+    def _commit_failed(self, exc: BaseException) -> None:
+        metrics, stream = self.link.metrics, self.stream
+        metrics.on_commit_failed(stream)
+        text = f"{type(exc).__name__}: {exc}"[:200]
+        self.link.health.report(f"commit:{self._health_key}", f"{self.name} cannot commit: {text}")
+        _log.warning("oona.commit_failed", subscription=self.name, entries=len(self._uncommitted), error=text)
+
+    def _account(self, items: Sequence[CommitItem], statuses: Sequence[str]) -> None:
+        metrics = self.link.metrics
+        for item, status in zip(items, statuses, strict=True):
+            if status == "lost":
+                metrics.on_lost(self.stream)
+            elif status == "replay":
+                metrics.on_rejected(self.stream, RejectReason.REPLAY.value)
+                metrics.on_dead_letter(RejectReason.REPLAY.value)
+                _log.warning(
+                    "oona.dead_letter", subscription=self.name, entry_id=item.entry_id, reason="replay"
+                )
+            elif status == "dead" and isinstance(item, DeadLetter):
+                metrics.on_dead_letter(item.reason)
+                _log.warning(
+                    "oona.dead_letter",
+                    subscription=self.name,
+                    entry_id=item.entry_id,
+                    reason=item.reason,
+                    detail=item.fields.get(b"detail", b"").decode("utf-8", "replace"),
+                )
+            elif isinstance(item, Done):
+                for reply in item.replies:
+                    metrics.on_published(reply.stream)
+        if self._on_committed is not None:
+            self._on_committed([item.entry_id for item in items])
