@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 import torch
 from torch import nn
 
+from esper.core.worker import running as run_worker
 from esper.kasmina import AlphaSchedule, KasminaPrefetchCoordinator, KasminaSeedManager, SeedSlot
 from esper.leyline import leyline_pb2
 from esper.oona import OonaMessage
@@ -83,15 +84,11 @@ class ObservedCoordinator(KasminaPrefetchCoordinator):
 
 @contextlib.asynccontextmanager
 async def running(*workers: Any) -> AsyncIterator[None]:
-    """Run workers as owned tasks; stop them (reverse order) on exit."""
-    async with asyncio.TaskGroup() as group:
-        for worker in workers:
-            group.create_task(worker.run())
-        try:
-            yield
-        finally:
-            for worker in reversed(workers):
-                await worker.stop()
+    """Run workers (``run(ctx)``) until the body ends; the body starts once all have started."""
+    async with contextlib.AsyncExitStack() as stack:
+        for index, worker in enumerate(workers):
+            await stack.enter_async_context(run_worker(worker.run, f"{type(worker).__name__}.{index}"))
+        yield
 
 
 def germinate_command(

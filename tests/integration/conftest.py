@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from _loop_support import FORGED, SECRET, D
 
 from esper.karn import KarnCatalog
-from esper.oona import OonaClient, StreamConfig
+from esper.oona import DeliveryPolicy, OonaClient, StreamConfig
 from esper.security import KeyRing
 from esper.tezzeret import TezzeretForge
 from esper.urza import UrzaLibrary
@@ -37,15 +38,20 @@ def keyring() -> KeyRing:
 async def make_client(redis_url: str, keyring: KeyRing) -> AsyncIterator[Callable[..., OonaClient]]:
     clients: list[OonaClient] = []
 
-    def factory(group: str, consumer: str | None = None, ring: KeyRing | None = None) -> OonaClient:
+    def factory(
+        role: str,
+        consumer: str | None = None,
+        ring: KeyRing | None = None,
+        url: str | None = None,
+        **overrides: Any,
+    ) -> OonaClient:
         config = StreamConfig(
-            group=group,
-            consumer=consumer or f"{group}-1",
+            instance=consumer or f"{role}-1",
             block_ms=200,
-            retry_backoff_ms=20,
-            retry_max_attempts=3,
+            delivery=DeliveryPolicy(retry_backoff_ms=20, max_deliveries=3),
+            **overrides,
         )
-        client = OonaClient(redis_url, config, ring or keyring)
+        client = OonaClient(url or redis_url, config, ring or keyring)
         clients.append(client)
         return client
 

@@ -79,7 +79,6 @@ async def test_germinate_over_bus_attaches_verified_kernel_that_blends_in_isolat
         host_only = model(x).clone()
 
     async with running(worker, coordinator):
-        await asyncio.wait_for(coordinator.ready.wait(), LIMIT_S)
         result = await manager.handle_command(decision.command)
         assert result.applied, result
         seed = manager.get_seed("seed-1")
@@ -168,8 +167,6 @@ async def test_tamiyo_service_command_reaches_kasmina_over_the_bus(
     worker = UrzaPrefetchWorker(make_client("urza"), libraries())
 
     async with running(worker, coordinator, intake, service):
-        await asyncio.wait_for(coordinator.ready.wait(), LIMIT_S)
-        await asyncio.wait_for(intake.ready.wait(), LIMIT_S)
         published = await training.publish_state(system_state(RUN, 1, 1.0, manager.export_seed_states()))
         assert published.ok
         command, result = await asyncio.wait_for(results.get(), LIMIT_S)
@@ -195,9 +192,8 @@ async def test_tamiyo_service_command_reaches_kasmina_over_the_bus(
 
     snap = service.metrics_snapshot()
     assert snap["states_evaluated"] == 2
-    assert snap["commands_published"] == 1
-    assert snap["field_reports_published"] == 1
-    assert snap["telemetry_published"] == 2
+    assert snap["commands"] == 1
+    assert snap["field_reports"] == 1
     assert intake.count("applied") == 1
     assert manager.accepted_commands == 1
     assert results.empty()
@@ -222,7 +218,6 @@ async def test_forged_ready_is_rejected_and_a_lost_request_falls_back(
     assert other is not None
 
     async with running(coordinator):  # no Urza worker: nobody answers
-        await asyncio.wait_for(coordinator.ready.wait(), LIMIT_S)
         for seed_id in ("seed-1", "seed-2"):
             assert (await manager.handle_command(germinate_command(keyring, seed_id))).applied
         pending = {e.seed_id: rid for rid, e in coordinator.outstanding.items()}
@@ -366,7 +361,7 @@ async def test_simic_update_on_the_bus_changes_decisions_and_forgeries_do_not(
     assert snap["policy_updates_rejected.stale_version"] == 1
     assert tamiyo.metrics_snapshot()["rejected.oona.policy.bad_signature"] == 1
     # Nothing left pending: rejected updates are never retried.
-    assert (await redis_client.xpending("oona.policy", "tamiyo"))["pending"] == 0
+    assert (await redis_client.xpending("oona.policy", "tamiyo-policy.tamiyo-1"))["pending"] == 0
 
 
 async def test_bad_commands_over_the_bus_are_rejected_without_state_change(
@@ -396,7 +391,6 @@ async def test_bad_commands_over_the_bus_are_rejected_without_state_change(
         ("rejected", "issued_in_future", germinate_command(keyring, "seed-2", issued_at=time.time() + 600)),
     ]
     async with running(intake):
-        await asyncio.wait_for(intake.ready.wait(), LIMIT_S)
         for status, reason, command in cases:
             assert (await sender.publish_command(command)).ok
             got, result = await asyncio.wait_for(results.get(), LIMIT_S)

@@ -16,6 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from esper.core import TelemetryMetric, build_telemetry_packet
+from esper.core.worker import running
 from esper.leyline import leyline_pb2
 from esper.nissa import NISSA_GROUP, NissaService
 from esper.oona import OonaClient, StreamConfig
@@ -71,27 +72,23 @@ async def http_get(port: int, path: str) -> tuple[int, bytes]:
     return int(head.split(b" ")[1]), body
 
 
-def config(group: str, consumer: str) -> StreamConfig:
-    return StreamConfig(group=group, consumer=consumer, block_ms=200, retry_backoff_ms=5)
+def config(instance: str) -> StreamConfig:
+    return StreamConfig(instance=instance, block_ms=200)
 
 
 @pytest.fixture
 async def nissa(redis_url: str) -> AsyncIterator[Running]:
     keys = KeyRing(SECRET)
-    client = OonaClient(redis_url, config(NISSA_GROUP, "nissa-test-1"), keys)
-    publisher = OonaClient(redis_url, config("publisher", "pub-1"), keys)
+    client = OonaClient(redis_url, config("nissa-test-1"), keys)
+    publisher = OonaClient(redis_url, config("pub-1"), keys)
     service = NissaService(client, http_port=0)
     seen = Seen()
     service.add_listener(seen)
-    stopping, ready = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(service.run(stopping, ready))
-    await asyncio.wait_for(ready.wait(), 10)
     raw = aioredis.Redis.from_url(redis_url)
     try:
-        yield Running(service, publisher, seen, raw)
+        async with running(service.run, "nissa"):
+            yield Running(service, publisher, seen, raw)
     finally:
-        stopping.set()
-        await asyncio.wait_for(task, 10)
         await raw.aclose()
         await publisher.aclose()
         await client.aclose()
@@ -120,8 +117,9 @@ async def test_telemetry_becomes_labelled_series_over_http(nissa: Running) -> No
     health = json.loads(body)
     assert status == 200
     assert health["status"] == "ok"
-    assert set(health["consumers"]) == {"oona.telemetry", "oona.normal", "oona.emergency"}
-    assert all(c["running"] and c["group"] == "nissa" for c in health["consumers"].values())
+    assert set(health["streams"]) == {"oona.telemetry", "oona.normal", "oona.emergency"}
+    assert health["subscribed"]
+    assert health["group"] == NISSA_GROUP
     assert health["handled"] == {"telemetry": 1}
     assert (await http_get(nissa.service.port, "/livez"))[0] == 200
     status, body = await http_get(nissa.service.port, "/readyz?verbose")
@@ -179,7 +177,7 @@ async def test_garbage_is_dead_lettered_and_nissa_keeps_serving(nissa: Running) 
     assert letters[0][b"source_stream"] == b"oona.telemetry"
     assert letters[0][b"reason"] == b"bad_signature"
     # Well signed, right type, but the payload is not a TelemetryPacket: counted, acked, no crash.
-    await nissa.publisher.publish("oona.telemetry", _L.BUS_MESSAGE_TYPE_TELEMETRY, b"\xff\xff\xff")
+    await nissa.publisher.publish(_L.BUS_MESSAGE_TYPE_TELEMETRY, b"\xff\xff\xff")
     await nissa.seen.wait_for(1)
     assert nissa.service.errors["telemetry"] == 1
     packet = build_telemetry_packet(source="tolaria", metrics=[TelemetryMetric("tolaria.training.loss", 0.5)])

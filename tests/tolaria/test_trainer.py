@@ -61,7 +61,7 @@ def data() -> DataSplits:
 
 @pytest.fixture
 async def client(redis_url: str, keys: KeyRing) -> AsyncIterator[OonaClient]:
-    oona = OonaClient(redis_url, StreamConfig(group="tolaria", consumer="t1", block_ms=200), keys)
+    oona = OonaClient(redis_url, StreamConfig(instance="t1", block_ms=200), keys)
     try:
         yield oona
     finally:
@@ -240,21 +240,21 @@ async def test_command_between_epochs_grafts_a_seed(
         await trainer.apply_command(message.decode(_L.AdaptationCommand))
 
     others = {_L.BUS_MESSAGE_TYPE_FIELD_REPORT}
-    tamiyo_consumer = client.consumer(
+    tamiyo_consumer = client.subscribe(
         "oona.normal",
+        "tamiyo",
         tamiyo,
         types={_L.BUS_MESSAGE_TYPE_SYSTEM_STATE},
         ignore_types=others | {_L.BUS_MESSAGE_TYPE_ADAPTATION_COMMAND},
     )
-    intake_client = OonaClient(redis_url, StreamConfig(group="kasmina", consumer="k1", block_ms=200), keys)
-    intake_consumer = intake_client.consumer(
+    intake_client = OonaClient(redis_url, StreamConfig(instance="k1", block_ms=200), keys)
+    intake_consumer = intake_client.subscribe(
         "oona.normal",
+        "kasmina",
         intake,
         types={_L.BUS_MESSAGE_TYPE_ADAPTATION_COMMAND},
         ignore_types=others | {_L.BUS_MESSAGE_TYPE_SYSTEM_STATE},
     )
-    await client.ensure_group("oona.normal")
-    await intake_client.ensure_group("oona.normal")
     trainer = TolariaTrainer(
         model,
         manager,

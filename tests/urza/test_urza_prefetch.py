@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
+from esper.core.worker import running
 from esper.karn import KarnCatalog
 from esper.leyline import leyline_pb2 as pb
 from esper.oona import OonaClient, OonaMessage, StreamConfig
@@ -75,28 +76,16 @@ class Replies:
 async def bus(
     redis_url: str, library: UrzaLibrary
 ) -> AsyncIterator[tuple[OonaClient, UrzaPrefetchWorker, Replies]]:
-    worker_client = OonaClient(
-        redis_url, StreamConfig(group="weatherlight", consumer="urza-1", block_ms=200), RING
-    )
-    peer = OonaClient(redis_url, StreamConfig(group="trainer", consumer="trainer-1", block_ms=200), RING)
-    await worker_client.ensure_consumer_groups()
+    worker_client = OonaClient(redis_url, StreamConfig(instance="urza-1", block_ms=200), RING)
+    peer = OonaClient(redis_url, StreamConfig(instance="trainer-1", block_ms=200), RING)
     worker = UrzaPrefetchWorker(worker_client, library, registry=CollectorRegistry())
     replies = Replies()
     ready = peer.broadcast(
         "oona.kernels.ready", replies.on_ready, types={READY}, ignore_types={CATALOG_UPDATE}
     )
     errors = peer.broadcast("oona.kernels.errors", replies.on_error, types={ERROR})
-    async with asyncio.TaskGroup() as group:
-        tasks = [group.create_task(c.run()) for c in (worker, ready, errors)]
-        await ready.ready.wait()
-        await errors.ready.wait()
-        try:
-            yield peer, worker, replies
-        finally:
-            await worker.stop()
-            await ready.stop()
-            await errors.stop()
-    assert all(t.done() for t in tasks)
+    async with running(worker.run, "prefetch"), running(ready.run, "ready"), running(errors.run, "errors"):
+        yield peer, worker, replies
     await worker_client.aclose()
     await peer.aclose()
 

@@ -59,8 +59,12 @@ class EsperSettings(BaseSettings):
     )
     oona_max_stream_length: int = Field(default=10_000, ge=1, validation_alias=_env("OONA_MAX_STREAM_LENGTH"))
     oona_consumer_name: str | None = Field(default=None, validation_alias=_env("OONA_CONSUMER_NAME"))
-    oona_stream_hard_cap: int | None = Field(default=None, ge=1, validation_alias=_env("OONA_STREAM_HARD_CAP"))
-    oona_handler_timeout_ms: int = Field(default=30_000, ge=1, validation_alias=_env("OONA_HANDLER_TIMEOUT_MS"))
+    oona_stream_hard_cap: int | None = Field(
+        default=None, ge=1, validation_alias=_env("OONA_STREAM_HARD_CAP")
+    )
+    oona_handler_timeout_ms: int = Field(
+        default=30_000, ge=1, validation_alias=_env("OONA_HANDLER_TIMEOUT_MS")
+    )
     oona_claim_idle_ms: int = Field(default=15_000, ge=1, validation_alias=_env("OONA_CLAIM_IDLE_MS"))
     kernel_freshness_window_ms: int = Field(
         default=60_000, gt=0, validation_alias=_env("KERNEL_FRESHNESS_WINDOW_MS")

@@ -14,15 +14,14 @@ with the wrong key inside a validly signed envelope is still refused.
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter, deque
 from collections.abc import Callable
 
 from esper.core.logs import get_logger
-from esper.core.tasks import RunGuard
+from esper.core.worker import WorkerContext
 from esper.kasmina.seed_manager import CommandResult, KasminaSeedManager
 from esper.leyline import leyline_pb2
-from esper.oona import BroadcastConsumer, OonaClient, OonaMessage, run_consumers
+from esper.oona import BroadcastReader, OonaClient, OonaMessage
 
 _log = get_logger("esper.kasmina.intake")
 _COMMAND = leyline_pb2.BUS_MESSAGE_TYPE_ADAPTATION_COMMAND
@@ -30,7 +29,7 @@ _IGNORED = (leyline_pb2.BUS_MESSAGE_TYPE_SYSTEM_STATE, leyline_pb2.BUS_MESSAGE_T
 
 
 class KasminaCommandIntake:
-    """Feeds bus commands to ``manager.handle_command``; run it as an owned task."""
+    """Feeds bus commands to ``manager.handle_command``; run it as a worker (``await intake.run(ctx)``)."""
 
     def __init__(
         self,
@@ -45,10 +44,7 @@ class KasminaCommandIntake:
         self.on_result = on_result
         self.results: deque[tuple[str, CommandResult]] = deque(maxlen=max(1, history))
         self._counts: Counter[str] = Counter()
-        self._guard = RunGuard("intake")
-        self._reader: BroadcastConsumer | None = None
-        #: Set while the reader is positioned: commands published from now on are seen.
-        self.ready = asyncio.Event()
+        self._reader: BroadcastReader | None = None
 
     async def handle(self, message: OonaMessage) -> None:
         command = message.decode(leyline_pb2.AdaptationCommand)
@@ -61,38 +57,20 @@ class KasminaCommandIntake:
         if self.on_result is not None:
             self.on_result(command, result)
 
-    async def run(
-        self,
-        *,
-        stop_event: asyncio.Event | None = None,
-        on_ready: Callable[[], None] | None = None,
-    ) -> None:
-        """Read commands until :meth:`stop` or ``stop_event``; a restart resumes after the last entry."""
-        with self._guard.running_scope():
-            reader = self.client.broadcast(
-                self.client.config.normal_stream,
-                self.handle,
-                types={_COMMAND},
-                ignore_types=set(_IGNORED),
-                start_id=self._reader.last_id if self._reader is not None else "$",
-            )
-            self._reader = reader
+    async def run(self, ctx: WorkerContext) -> None:
+        """Read commands until ``ctx.stopping``; started once the reader is positioned.
 
-            def positioned() -> None:
-                self.ready.set()
-                if on_ready is not None:
-                    on_ready()
-
-            try:
-                await run_consumers(
-                    {"kasmina-command-intake": reader}, self._guard.stops(stop_event), on_ready=positioned
-                )
-            finally:
-                self.ready.clear()
-
-    async def stop(self) -> None:
-        """Finish the batch in flight and return from :meth:`run`."""
-        await self._guard.stop()
+        A restart (a new ``run``) resumes after the last entry the previous run saw.
+        """
+        reader = self.client.broadcast(
+            self.client.config.normal_stream,
+            self.handle,
+            types={_COMMAND},
+            ignore_types=set(_IGNORED),
+            start_id=self._reader.last_id if self._reader is not None else "$",
+        )
+        self._reader = reader
+        await reader.run(ctx)
 
     def metrics_snapshot(self) -> dict[str, float]:
         """Outcomes under ``kasmina.intake.``: ``applied``, ``ignored.<reason>``, ``rejected.<reason>``."""

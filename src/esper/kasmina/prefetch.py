@@ -33,9 +33,9 @@ Differences from esper-lite v1:
   once and then grafts ``BP001`` or ``nn.Identity`` with a
   ``fallback_applied`` event.
 
-Structured concurrency: :meth:`run` owns both readers and the expiry loop in
-one ``TaskGroup`` and returns after :meth:`stop` (or the caller's
-``stop_event``); nothing is fire-and-forget. Every manager call happens on
+Structured concurrency: :meth:`run` is a worker (``await coordinator.run(ctx)``)
+owning both readers and the expiry loop as children (``run_children``); it
+returns once ``ctx.stopping`` is set; nothing is fire-and-forget. Every manager call happens on
 the event loop that runs the coordinator, so the training loop calling
 ``manager.step()`` must run on that loop too.
 """
@@ -46,14 +46,13 @@ import asyncio
 import time
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from esper.core.logs import get_logger
-from esper.core.tasks import RunGuard
+from esper.core.worker import WorkerContext, run_children
 from esper.kasmina.seed_manager import KasminaSeedManager
 from esper.leyline import leyline_pb2
-from esper.oona import BroadcastConsumer, OonaClient, OonaMessage, run_consumers
+from esper.oona import BroadcastReader, OonaClient, OonaMessage
 from esper.urza import UrzaError, UrzaRuntime
 
 _log = get_logger("esper.kasmina.prefetch")
@@ -112,13 +111,10 @@ class KasminaPrefetchCoordinator:
         self._counts: Counter[str] = Counter()
         self._load_ms_total = 0.0
         self._load_ms_max = 0.0
-        self._guard = RunGuard("coordinator")
-        #: Set while both reply readers are positioned: requests sent from now on get their replies.
-        self.ready = asyncio.Event()
-        #: Expiry ticks so far: a watchdog's sign of progress.
+        #: Expiry passes so far.
         self.iterations = 0
-        self._ready_reader: BroadcastConsumer | None = None
-        self._error_reader: BroadcastConsumer | None = None
+        self._ready_reader: BroadcastReader | None = None
+        self._error_reader: BroadcastReader | None = None
         if install:
             manager.set_kernel_provider(self)
 
@@ -225,59 +221,39 @@ class KasminaPrefetchCoordinator:
         await self.manager.kernel_failed(entry.seed_id, entry.blueprint_id, reason)
 
     # ------------------------------------------------------------------ running
-    async def run(
-        self,
-        *,
-        stop_event: asyncio.Event | None = None,
-        on_ready: Callable[[], None] | None = None,
-        heartbeat: Callable[[], None] | None = None,
-    ) -> None:
-        """Read replies and expire overdue requests until :meth:`stop` or ``stop_event``.
+    async def run(self, ctx: WorkerContext) -> None:
+        """Read replies and expire overdue requests until ``ctx.stopping``.
 
-        ``on_ready`` is called once both readers are positioned (a supervisor's
-        ``mark_ready``); ``heartbeat`` on every expiry tick. A reader that
-        fails for a non-transient reason ends ``run`` with that error, for the
-        supervisor to restart; a restart resumes the reply streams after the
-        last entry seen, so replies that came meanwhile are not missed.
+        Started once both reply readers are positioned (requests sent from
+        then on get their replies). A reader that fails for a non-transient
+        reason ends ``run`` with that error, for its owner to restart; a new
+        ``run`` resumes the reply streams after the last entry seen, so
+        replies that came meanwhile are not missed.
         """
-        with self._guard.running_scope():
-            config = self.client.config
-            ready_reader = self.client.broadcast(
-                config.kernel_ready_stream,
-                self.handle_ready,
-                types={_READY},
-                ignore_types={_CATALOG},
-                start_id=self._ready_reader.last_id if self._ready_reader is not None else "$",
-            )
-            error_reader = self.client.broadcast(
-                config.kernel_error_stream,
-                self.handle_error,
-                types={_ERROR},
-                start_id=self._error_reader.last_id if self._error_reader is not None else "$",
-            )
-            self._ready_reader, self._error_reader = ready_reader, error_reader
+        config = self.client.config
+        ready_reader = self.client.broadcast(
+            config.kernel_ready_stream,
+            self.handle_ready,
+            types={_READY},
+            ignore_types={_CATALOG},
+            start_id=self._ready_reader.last_id if self._ready_reader is not None else "$",
+        )
+        error_reader = self.client.broadcast(
+            config.kernel_error_stream,
+            self.handle_error,
+            types={_ERROR},
+            start_id=self._error_reader.last_id if self._error_reader is not None else "$",
+        )
+        self._ready_reader, self._error_reader = ready_reader, error_reader
 
-            def positioned() -> None:
-                self.ready.set()
-                if on_ready is not None:
-                    on_ready()
-                _log.info("kasmina.prefetch_running", training_run_id=self.training_run_id)
-
-            async def expiry_tick() -> None:
+        async def expire(child: WorkerContext) -> None:
+            child.started()
+            while not await child.wait_stopping(self.expire_interval_s):
                 await self.tick()
-                if heartbeat is not None:
-                    heartbeat()
+                child.progress()
 
-            try:
-                await run_consumers(
-                    {"kasmina-prefetch-ready": ready_reader, "kasmina-prefetch-errors": error_reader},
-                    self._guard.stops(stop_event),
-                    on_ready=positioned,
-                    tick_s=self.expire_interval_s,
-                    on_tick=expiry_tick,
-                )
-            finally:
-                self.ready.clear()
+        _log.info("kasmina.prefetch_running", training_run_id=self.training_run_id)
+        await run_children(ctx, {"ready": ready_reader.run, "errors": error_reader.run, "expiry": expire})
 
     async def tick(self) -> int:
         """One expiry pass: ``manager.expire_pending()`` plus forgetting abandoned ids."""
@@ -294,10 +270,6 @@ class KasminaPrefetchCoordinator:
         if stale:
             self._counts["requests_abandoned"] += len(stale)
         return expired
-
-    async def stop(self) -> None:
-        """Finish the readers' current batch and return from :meth:`run`."""
-        await self._guard.stop()
 
     # ------------------------------------------------------------------ metrics
     def metrics_snapshot(self) -> dict[str, float]:

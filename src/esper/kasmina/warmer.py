@@ -22,8 +22,9 @@ from collections import deque
 
 from esper.core.logs import get_logger
 from esper.core.telemetry import PRIORITY_INDICATOR, TelemetryEvent, TelemetryMetric, build_telemetry_packet
+from esper.core.worker import WorkerContext, run_children
 from esper.leyline import leyline_pb2
-from esper.oona import GroupConsumer, OonaClient, OonaMessage
+from esper.oona import BroadcastReader, OonaClient, OonaMessage
 from esper.urza import UrzaError, UrzaLibrary
 
 _log = get_logger("esper.kasmina.warmer")
@@ -34,15 +35,17 @@ _CATALOG = leyline_pb2.BUS_MESSAGE_TYPE_KERNEL_CATALOG_UPDATE
 class KernelWarmer:
     """Verifies and pre-loads kernels named by commands and catalog updates.
 
-    ``commands`` and ``catalog`` are group consumers (group of ``client``);
-    run both as owned tasks and stop them with ``stop()``.
+    ``commands`` and ``catalog`` are broadcast readers: every replica of the
+    control plane warms every kernel, so whichever replica a trainer's
+    request reaches answers from a warm cache. Run with ``await warmer.run(ctx)``.
+    Warming only reads and caches, so seeing a message twice is harmless.
     """
 
     def __init__(self, client: OonaClient, library: UrzaLibrary, *, telemetry_capacity: int = 64) -> None:
         self.client = client
         self.library = library
         config = client.config
-        self.commands: GroupConsumer = client.consumer(
+        self.commands: BroadcastReader = client.broadcast(
             config.normal_stream,
             self._on_command,
             types={_COMMAND},
@@ -51,7 +54,7 @@ class KernelWarmer:
                 leyline_pb2.BUS_MESSAGE_TYPE_FIELD_REPORT,
             },
         )
-        self.catalog: GroupConsumer = client.consumer(
+        self.catalog: BroadcastReader = client.broadcast(
             config.kernel_ready_stream,
             self._on_catalog_update,
             types={_CATALOG},
@@ -62,9 +65,8 @@ class KernelWarmer:
         self._packets: deque[leyline_pb2.TelemetryPacket] = deque(maxlen=telemetry_capacity)
         self.telemetry_dropped = 0
 
-    async def stop(self) -> None:
-        await self.commands.stop()
-        await self.catalog.stop()
+    async def run(self, ctx: WorkerContext) -> None:
+        await run_children(ctx, {"commands": self.commands.run, "catalog": self.catalog.run})
 
     async def _on_command(self, message: OonaMessage) -> None:
         command = message.decode(leyline_pb2.AdaptationCommand)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import signal
 import sys
 from collections.abc import Sequence
@@ -27,44 +28,51 @@ from redis.exceptions import RedisError
 
 from esper.core import ConfigError, EsperSettings, configure_logging, get_logger, load_settings
 from esper.core.cli import run_main
-from esper.nissa.service import DEFAULT_HTTP_HOST, DEFAULT_HTTP_PORT, NISSA_GROUP, NissaService
-from esper.oona import OonaClient
+from esper.core.worker import Worker, WorkerContext, run_children
+from esper.nissa.service import DEFAULT_HTTP_HOST, DEFAULT_HTTP_PORT, NissaService
+from esper.oona import InstanceLease, OonaClient, StreamConfig, connect
 
 _log = get_logger("esper.nissa.cli")
 
 
-def build_client(settings: EsperSettings) -> OonaClient:
-    """Group ``nissa``, consumer name unique to this process (``nissa-<host>-<pid>``)."""
+async def serve(settings: EsperSettings, host: str, port: int) -> int:
+    """Run until a signal; the consumer name is ``OONA_CONSUMER_NAME`` or a leased ``nissa-<n>``."""
     if not settings.redis_url:
         raise ConfigError(["REDIS_URL is not set; Nissa joins a running platform's Redis"])
-    return OonaClient.from_settings(settings, group=NISSA_GROUP, consumer_prefix="nissa")
-
-
-async def serve(settings: EsperSettings, host: str, port: int) -> int:
-    client = build_client(settings)
-    stopping = asyncio.Event()
+    ctx = WorkerContext("nissa")
     loop = asyncio.get_running_loop()
     signals = (signal.SIGINT, signal.SIGTERM)
 
     def on_signal(signum: int) -> None:
-        if stopping.is_set():
+        if ctx.stopping.is_set():
             _log.warning("second signal: exiting at once", signal=signal.Signals(signum).name)
             os._exit(130)
         _log.info("signal received: shutting down", signal=signal.Signals(signum).name)
-        stopping.set()
+        ctx.stopping.set()
 
     for signum in signals:
         loop.add_signal_handler(signum, on_signal, signum)
+    lease_redis = connect(settings.redis_url, StreamConfig(instance="nissa"))
     try:
-        service = NissaService(client, http_host=host, http_port=port)
-        await service.run(stopping)
+        workers: dict[str, Worker] = {}
+        instance = settings.oona_consumer_name
+        if not instance:
+            lease = InstanceLease(lease_redis, "nissa", secrets.token_hex(16))
+            instance = await lease.acquire()
+            workers["lease"] = lease.run
+        client = OonaClient.from_settings(settings, instance=instance)
+        try:
+            workers["service"] = NissaService(client, http_host=host, http_port=port).run
+            await run_children(ctx, workers)
+        finally:
+            await client.aclose()
     except (RedisError, OSError) as exc:  # Redis unreachable at start, or the HTTP port is taken
-        _log.error("nissa failed to start", error=f"{type(exc).__name__}: {exc}")
+        _log.error("nissa failed", error=f"{type(exc).__name__}: {exc}")
         return 1
     finally:
         for signum in signals:
             loop.remove_signal_handler(signum)
-        await client.aclose()
+        await lease_redis.aclose()
     _log.info("nissa stopped")
     return 0
 

@@ -1,6 +1,6 @@
 """The Nissa service: bus telemetry in, Prometheus series and alerts out.
 
-``NissaService`` joins consumer group ``nissa`` on three streams:
+``NissaService`` subscribes in group ``nissa`` to three streams:
 
 * ``oona.telemetry`` - TelemetryPackets: every metric point becomes a gauge
   (source as label, see :mod:`esper.nissa.metrics`) and is fed to the
@@ -16,16 +16,17 @@ replay) never reach Nissa: Oona dead-letters them with a reason. A
 well-signed message that Nissa cannot make sense of (a payload that does
 not parse, an unknown enum value) is logged, counted in
 ``esper_nissa_handler_errors_total{stream,type}`` and acked: every handler
-here is pure in-memory bookkeeping, so a retry would fail the same way.
+here is pure in-memory bookkeeping, so a retry would fail the same way (and
+handling a message twice only re-sets gauges; counters may count it twice).
 
 HTTP (``HealthServer``): ``/metrics`` (Prometheus text: the platform series
-plus Nissa's own Oona consumer metrics), ``/livez``, ``/readyz`` (consumers
-running and Redis answering), ``/healthz`` (JSON ``{"status": "ok", ...}``
-with per-stream consumer state) and ``/alerts`` (JSON list of firing alerts).
+plus Nissa's own Oona metrics), ``/livez``, ``/readyz`` (subscribed, the
+bus reports no problem and Redis answers), ``/healthz`` (JSON
+``{"status": "ok", ...}``) and ``/alerts`` (JSON list of firing alerts).
 
-Structured concurrency: ``run(stopping)`` owns the consumers and the HTTP
-server in one ``TaskGroup``; setting ``stopping`` stops the consumers
-(each finishes and acks its batch) and then the server.
+Run as a worker: ``await service.run(ctx)`` binds the HTTP server, runs the
+three subscriptions as children and, once ``ctx.stopping`` is set, lets each
+finish its batch before closing the server.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import asyncio
 import time
 from collections import Counter as PyCounter
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from google.protobuf.message import DecodeError
@@ -42,10 +43,11 @@ from prometheus_client import CollectorRegistry, Counter
 
 from esper.core.http_server import HealthServer
 from esper.core.logs import get_logger
+from esper.core.worker import WorkerContext, run_children, unwrap
 from esper.leyline import leyline_pb2
 from esper.nissa.alerts import DEFAULT_RULES, ActiveAlert, AlertEngine, AlertRule
 from esper.nissa.metrics import TelemetryMetrics
-from esper.oona import GroupConsumer, OonaClient, OonaMessage
+from esper.oona import OonaClient, OonaMessage, Subscription
 
 _L = leyline_pb2
 _log = get_logger("esper.nissa")
@@ -71,8 +73,7 @@ _OTHER_TYPES = (
 class NissaService:
     """Consumes the three streams into ``registry`` and serves it over HTTP.
 
-    ``client`` must be configured with group ``nissa`` (see
-    :func:`esper.nissa.cli.build_client`); the service does not close it.
+    The service does not close ``client``.
     """
 
     def __init__(
@@ -105,50 +106,54 @@ class NissaService:
         self.http = HealthServer(http_host, http_port, registry=self.registry, logger=_log)
         self.http.add_json_route("/healthz", self.health)
         self.http.add_json_route("/alerts", self.active_alerts)
-        self.http.add_check("consumers", self._consumers_ready)
-        self.http.add_check("redis", self._redis_ready)
+        self.http.add_check("subscriptions", self._subscribed)
+        self.http.add_check("bus", self._bus_ready)
         config = client.config
         self.streams = tuple(
             dict.fromkeys((config.telemetry_stream, config.normal_stream, config.emergency_stream))
         )
-        self.consumers: dict[str, GroupConsumer] = {
-            stream: client.consumer(
+        policy = replace(client.config.delivery, batch=100)
+        self.subscriptions: dict[str, Subscription] = {
+            stream: client.subscribe(
                 stream,
+                NISSA_GROUP,
                 self._handler_for(stream),
                 types=HANDLED_TYPES,
                 ignore_types=_OTHER_TYPES,
-                batch=100,
+                policy=policy,
             )
             for stream in self.streams
         }
-        self._tasks: dict[str, asyncio.Task[None]] = {}
         self._listeners: list[Callable[[str, int], None]] = []
+        self._ctx: WorkerContext | None = None
         self.started_at = 0.0
 
     # -- running -----------------------------------------------------------------------
 
-    async def run(self, stopping: asyncio.Event, ready: asyncio.Event | None = None) -> None:
-        """Consume and serve until ``stopping`` is set; ``ready`` is set once listening."""
-        for stream in self.streams:
-            await self.client.ensure_group(stream)
+    async def run(self, ctx: WorkerContext) -> None:
+        """Serve and consume until ``ctx.stopping``; started once listening and subscribed."""
         await self.http.start()
         self.started_at = time.time()
+        self._ctx = ctx
         try:
             async with asyncio.TaskGroup() as group:
-                for stream, consumer in self.consumers.items():
-                    self._tasks[stream] = group.create_task(consumer.run(), name=f"nissa:{stream}")
-                _log.info(
-                    "nissa ready",
-                    streams=list(self.streams),
-                    consumer=self.client.config.consumer,
-                    http=self.http.url,
+                subscribed = group.create_task(
+                    run_children(ctx, {stream: sub.run for stream, sub in self.subscriptions.items()})
                 )
-                if ready is not None:
-                    ready.set()
-                await stopping.wait()
-                _log.info("nissa stopping")
-                await asyncio.gather(*(c.stop() for c in self.consumers.values()))
+                announced = group.create_task(ctx.wait_started())
+                await asyncio.wait({subscribed, announced}, return_when=asyncio.FIRST_COMPLETED)
+                if announced.done():
+                    _log.info(
+                        "nissa ready",
+                        streams=list(self.streams),
+                        consumer=self.client.config.instance,
+                        http=self.http.url,
+                    )
+                announced.cancel()
+        except BaseExceptionGroup as failure:
+            raise unwrap(failure) from None
         finally:
+            _log.info("nissa stopping")
             await self.http.stop()
 
     @property
@@ -213,26 +218,16 @@ class NissaService:
     def active_alerts(self) -> list[dict[str, Any]]:
         return [_alert_view(alert) for alert in self.alerts.active()]
 
-    def consumer_state(self) -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
-        for stream, consumer in self.consumers.items():
-            task = self._tasks.get(stream)
-            running = task is not None and not task.done()
-            out[stream] = {
-                "running": running,
-                "stopping": consumer.stopping,
-                "reconnects": consumer.reconnects,
-                "consumer": consumer.name,
-                "group": consumer.group,
-            }
-        return out
-
     def health(self) -> dict[str, Any]:
-        consumers = self.consumer_state()
-        healthy = all(c["running"] for c in consumers.values())
+        problems = self.client.problems()
+        subscribed = self._ctx is not None and self._ctx.is_started
         return {
-            "status": "ok" if healthy else "degraded",
-            "consumers": consumers,
+            "status": "ok" if subscribed and not problems else "degraded",
+            "subscribed": subscribed,
+            "problems": problems,
+            "streams": list(self.streams),
+            "consumer": self.client.config.instance,
+            "group": NISSA_GROUP,
             "consume_breaker": int(self.client.consume_breaker.state),
             "handled": dict(self.handled),
             "handler_errors": dict(self.errors),
@@ -240,13 +235,14 @@ class NissaService:
             "uptime_s": round(time.time() - self.started_at, 3) if self.started_at else 0.0,
         }
 
-    async def _consumers_ready(self) -> tuple[bool, str]:
-        stopped = [s for s, c in self.consumer_state().items() if not c["running"]]
-        return (not stopped, f"not running: {', '.join(stopped)}" if stopped else "")
+    async def _subscribed(self) -> tuple[bool, str]:
+        ready = self._ctx is not None and self._ctx.is_started and not self._ctx.stopping.is_set()
+        return ready, "" if ready else "not subscribed"
 
-    async def _redis_ready(self) -> tuple[bool, str]:
-        await self.client.redis.ping()
-        return True, ""
+    async def _bus_ready(self) -> tuple[bool, str]:
+        problem = await self.client.probe()
+        problems = self.client.problems() + ([problem] if problem else [])
+        return not problems, "; ".join(problems)
 
 
 def _type_label(message_type: int) -> str:

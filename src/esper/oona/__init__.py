@@ -15,6 +15,7 @@ see every entry. Both run as workers under the one worker contract:
 from esper.oona.broadcast import BroadcastReader
 from esper.oona.client import OonaClient
 from esper.oona.config import DeliveryPolicy, StreamConfig
+from esper.oona.connection import connect
 from esper.oona.housekeeping import HousekeepingReport
 from esper.oona.lease import InstanceLease, LeaseLost, instance_token
 from esper.oona.messages import Handler, OonaMessage, PublishResult, RejectMessage, RejectReason, Reply
@@ -37,5 +38,6 @@ __all__ = [
     "Reply",
     "StreamConfig",
     "Subscription",
+    "connect",
     "instance_token",
 ]

@@ -10,7 +10,9 @@ on it instead of on the client, so there is no import cycle.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
@@ -42,16 +44,27 @@ class HealthBoard:
 
     def __init__(self) -> None:
         self._problems: dict[str, tuple[str, float]] = {}
+        self._changed = asyncio.Event()
 
     def report(self, key: str, problem: str) -> None:
         since = self._problems.get(key, (problem, time.monotonic()))[1]
+        if self._problems.get(key, ("", 0.0))[0] != problem:
+            self._changed.set()
         self._problems[key] = (problem, since)
 
     def clear(self, key: str) -> None:
-        self._problems.pop(key, None)
+        if self._problems.pop(key, None) is not None:
+            self._changed.set()
 
     def problems(self) -> list[str]:
         return [text for text, _since in self._problems.values()]
+
+    async def wait_until(self, condition: Callable[[list[str]], bool]) -> list[str]:
+        """Wait (on changes, not by polling) until ``condition(problems)`` holds; the problems then."""
+        while not condition(found := self.problems()):
+            self._changed.clear()
+            await self._changed.wait()
+        return found
 
 
 @dataclass

@@ -26,7 +26,7 @@ from esper.tamiyo.registry import (
     encode_policy,
     policy_version_of,
 )
-from esper.tamiyo.service import DecisionNotPublished, TamiyoService, publish_simic_update
+from esper.tamiyo.service import TamiyoService, publish_simic_update
 
 __all__ = [
     "DEFAULT_BLUEPRINT_CANDIDATES",
@@ -37,7 +37,6 @@ __all__ = [
     "CachedBlueprintMetadata",
     "ControllerConfig",
     "Decision",
-    "DecisionNotPublished",
     "FieldReportStore",
     "PayloadError",
     "PolicyAction",

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from torch import nn
 
 from esper.core.telemetry import TelemetryEvent
+from esper.core.worker import WorkerContext
 from esper.leyline import leyline_pb2
 
 
@@ -43,8 +44,10 @@ class SeedManager(Protocol):
 
 
 class Service(Protocol):
-    """Something to run alongside training (command intake, kernel coordinator, consumers)."""
+    """Something to run alongside training (command intake, kernel coordinator), as a worker.
 
-    async def run(self) -> None: ...
+    See :mod:`esper.core.worker`: ``run(ctx)`` calls ``ctx.started()`` once
+    serving and returns when ``ctx.stopping`` is set.
+    """
 
-    async def stop(self) -> None: ...
+    async def run(self, ctx: WorkerContext) -> None: ...

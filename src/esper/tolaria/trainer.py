@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from esper.core.logs import get_logger
+from esper.core.worker import WorkerContext, run_children
 from esper.leyline import leyline_pb2
 from esper.oona import OonaClient
 from esper.tolaria import packets
@@ -156,23 +157,38 @@ class TolariaTrainer(EpochCompute):
     async def run(self, on_epoch: EpochCallback | None = None) -> list[EpochResult]:
         """Train until ``config.max_epochs`` (continuing after :meth:`resume`).
 
-        ``services`` run as owned tasks for the duration and are stopped
-        afterwards; ``on_epoch`` (sync or async) sees each result.
+        ``services`` run as workers for the duration: training starts once all
+        of them have started (so no command or kernel reply published from
+        then on is missed) and they are stopped afterwards; ``on_epoch`` (sync
+        or async) sees each result.
         """
+        if not self.services:
+            await self._epochs(on_epoch)
+            return self.history
+        names = [f"{type(service).__name__}.{index}" for index, service in enumerate(self.services)]
+        ctx = WorkerContext("tolaria.services")
         async with asyncio.TaskGroup() as group:
-            for service in self.services:
-                group.create_task(service.run(), name=f"tolaria-service:{type(service).__name__}")
+            services = group.create_task(
+                run_children(ctx, {name: s.run for name, s in zip(names, self.services, strict=True)})
+            )
+            started = group.create_task(ctx.wait_started())
+            await asyncio.wait({services, started}, return_when=asyncio.FIRST_COMPLETED)
+            started.cancel()
+            if services.done():
+                services.result()  # a service failed to start: raise its error
             try:
-                while self.epoch < self.config.max_epochs:
-                    result = await self.run_epoch()
-                    if on_epoch is not None:
-                        outcome = on_epoch(result)
-                        if inspect.isawaitable(outcome):
-                            await outcome
+                await self._epochs(on_epoch)
             finally:
-                for service in self.services:
-                    await service.stop()
+                ctx.stopping.set()
         return self.history
+
+    async def _epochs(self, on_epoch: EpochCallback | None) -> None:
+        while self.epoch < self.config.max_epochs:
+            result = await self.run_epoch()
+            if on_epoch is not None:
+                outcome = on_epoch(result)
+                if inspect.isawaitable(outcome):
+                    await outcome
 
     async def run_epoch(self) -> EpochResult:
         epoch = self.epoch + 1

@@ -8,11 +8,14 @@ prewarm percentiles - or a ``KernelArtifactError`` with a machine-readable
 reason. Verification runs off the event loop and never re-hashes an
 unchanged file (the library remembers verified files by their stat).
 
-Failure policy: a problem with the *request or the artifact* is answered
-with an error reply and counted; the worker keeps serving. A problem with
-*our own infrastructure* (database unreachable, reply not publishable) is
-raised, so Oona retries the request with backoff and finally dead-letters it
-- nothing is silently dropped.
+The reply is returned to Oona, which publishes it in the same server round
+trip that acknowledges the request: a worker killed at any moment answers a
+request exactly once. Failure policy: a problem with the *request or the
+artifact* is answered with an error reply and counted; the worker keeps
+serving. A problem with *our own infrastructure* (database unreachable) is
+raised, so Oona delivers the request again after a backoff and finally
+dead-letters it - nothing is silently dropped. Handling is idempotent: it
+only reads the catalogue and files.
 """
 
 from __future__ import annotations
@@ -20,19 +23,22 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter as Tally
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from esper.core.logs import get_logger
+from esper.core.worker import WorkerContext
 from esper.leyline import leyline_pb2
-from esper.oona import GroupConsumer, OonaClient, OonaMessage
+from esper.oona import OonaClient, OonaMessage, Reply, Subscription
 from esper.urza.errors import UrzaError
 from esper.urza.library import UrzaLibrary
 from esper.urza.records import ArtifactInfo
 
 _log = get_logger("esper.urza.prefetch")
 _REQUEST = leyline_pb2.BUS_MESSAGE_TYPE_KERNEL_PREFETCH_REQUEST
+#: The consumer group of every prefetch worker: replicas split the requests between them.
+PREFETCH_GROUP = "urza-prefetch"
 _BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
@@ -44,15 +50,11 @@ class _Answer:
     expires: float
 
 
-class ReplyNotPublished(RuntimeError):
-    """The answer could not be put on the bus; raised so Oona retries the request."""
-
-
 class UrzaPrefetchWorker:
     """Serves ``KernelPrefetchRequest``s for one Urza library.
 
-    Run it as an owned task: ``await worker.run()``; ``await worker.stop()``
-    finishes the batch in flight (answers sent, requests acked) and returns.
+    Run it as a worker: ``await worker.run(ctx)`` until ``ctx.stopping``; the
+    batch in flight is answered and acknowledged before it returns.
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class UrzaPrefetchWorker:
         client: OonaClient,
         library: UrzaLibrary,
         *,
+        group: str = PREFETCH_GROUP,
         concurrency: int = 16,
         batch: int = 64,
         registry: CollectorRegistry | None = None,
@@ -69,12 +72,12 @@ class UrzaPrefetchWorker:
         self.library = library
         self._answer_ttl_s = answer_ttl_s
         self._answers_by_id: dict[str, _Answer] = {}
-        self.consumer: GroupConsumer = client.consumer(
+        self.subscription: Subscription = client.subscribe(
             client.config.kernel_request_stream,
+            group,
             self.handle,
             types={_REQUEST},
-            concurrency=concurrency,
-            batch=batch,
+            policy=replace(client.config.delivery, concurrency=concurrency, batch=batch),
         )
         registry = registry if registry is not None else client.metrics.registry
         self._answers = Counter(
@@ -88,32 +91,29 @@ class UrzaPrefetchWorker:
         )
         self._tally: Tally[str] = Tally()
 
-    async def run(self) -> None:
-        await self.consumer.run()
+    async def run(self, ctx: WorkerContext) -> None:
+        await self.subscription.run(ctx)
 
-    async def stop(self) -> None:
-        await self.consumer.stop()
-
-    async def handle(self, message: OonaMessage) -> None:
-        """Answer one request (the Oona handler)."""
+    async def handle(self, message: OonaMessage) -> list[Reply]:
+        """Answer one request (the Oona handler): a ready or an error reply."""
         started = time.perf_counter()
         request = message.decode(leyline_pb2.KernelPrefetchRequest)
         blueprint_id = request.blueprint_id.strip()
         if not request.request_id.strip():
-            await self._error(request, "missing_request_id")
+            reply = self._error(request, "missing_request_id")
         elif not blueprint_id:
-            await self._error(request, "missing_blueprint_id")
+            reply = self._error(request, "missing_blueprint_id")
         else:
             try:
                 info = self._recent_answer(blueprint_id) or await self._verify(blueprint_id)
             except UrzaError as exc:
                 _log.warning(
                     "urza.prefetch_error",
-                    request_id=request.request_id,
-                    blueprint_id=blueprint_id,
+                    request_id=request.request_id[:128],
+                    blueprint_id=blueprint_id[:128],
                     reason=exc.reason,
                 )
-                await self._error(request, exc.reason)
+                reply = self._error(request, exc.reason)
             else:
                 ready = leyline_pb2.KernelArtifactReady(
                     request_id=request.request_id,
@@ -124,11 +124,10 @@ class UrzaPrefetchWorker:
                     prewarm_p50_ms=info.prewarm_p50_ms,
                     prewarm_p95_ms=info.prewarm_p95_ms,
                 )
-                result = await self.client.publish_kernel_artifact_ready(ready)
-                if not result.ok:
-                    raise ReplyNotPublished(f"ready reply refused: {result.reason}")
+                reply = Reply(leyline_pb2.BUS_MESSAGE_TYPE_KERNEL_PREFETCH_READY, ready)
                 self._count("ready")
         self._latency.observe(time.perf_counter() - started)
+        return [reply]
 
     def _recent_answer(self, blueprint_id: str) -> ArtifactInfo | None:
         """A verification done less than ``answer_ttl_s`` ago whose file is unchanged.
@@ -163,14 +162,12 @@ class UrzaPrefetchWorker:
         )
         return info
 
-    async def _error(self, request: leyline_pb2.KernelPrefetchRequest, reason: str) -> None:
+    def _error(self, request: leyline_pb2.KernelPrefetchRequest, reason: str) -> Reply:
         error = leyline_pb2.KernelArtifactError(
             request_id=request.request_id, blueprint_id=request.blueprint_id, reason=reason
         )
-        result = await self.client.publish_kernel_artifact_error(error)
-        if not result.ok:
-            raise ReplyNotPublished(f"error reply refused: {result.reason}")
         self._count(reason)
+        return Reply(leyline_pb2.BUS_MESSAGE_TYPE_KERNEL_PREFETCH_ERROR, error)
 
     def _count(self, outcome: str) -> None:
         self._answers.labels(outcome).inc()
