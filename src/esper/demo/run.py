@@ -108,7 +108,7 @@ def _redis_url(config: DemoConfig, env: dict[str, str]) -> str:
 
 
 def _client(settings: EsperSettings, role: str) -> OonaClient:
-    return OonaClient.from_settings(settings, group=f"tolaria-{role}", consumer_prefix=role, name=role)
+    return OonaClient.from_settings(settings, instance=f"demo-{role}", name=role)
 
 
 def nissa_sources(metrics_text: str) -> set[str]:

@@ -170,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _bus(settings: EsperSettings) -> OonaClient:
-    return OonaClient.from_settings(settings, group="tezzeret", consumer_prefix="forge")
+    return OonaClient.from_settings(settings, instance="esper-forge")
 
 
 async def _forge(
