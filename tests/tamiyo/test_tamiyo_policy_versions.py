@@ -24,7 +24,7 @@ def _update(label: str, version: int = 1) -> S.PolicyUpdate:
 
 @pytest.mark.parametrize(
     "label",
-    ["²", "٣", "1²", "１２", "+5", "-1", "1_000", "0x10", "1.0", "9" * 19, "9" * 5000],
+    ["²", "٣", "1²", "\uff11\uff12", "+5", "-1", "1_000", "0x10", "1.0", "9" * 19, "9" * 5000],
 )
 def test_only_bounded_ascii_decimal_versions_are_read(label: str) -> None:
     with pytest.raises(PolicyRejected) as info:
