@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import numpy as np
 import redis.asyncio as aioredis
 import torch
 from torch import nn
@@ -124,15 +125,15 @@ def events(manager: KasminaSeedManager, name: str) -> list[dict[str, str]]:
 
 def germinate_policy(*, seed: int = 0) -> TamiyoPolicy:
     """A real policy mildly preferring GERMINATE of BP009 (Simic can talk it out of it)."""
-    policy = TamiyoPolicy(PolicyConfig(seed=seed))
-    with torch.no_grad():
-        policy.action_head.weight.zero_()
-        policy.action_head.bias.zero_()
-        policy.action_head.bias[0] = 1.0
-        policy.blueprint_head.weight.zero_()
-        policy.blueprint_head.bias.fill_(-1.0)
-        policy.blueprint_head.bias[policy.blueprint_candidates.index("BP009")] = 1.0
-    return policy
+    base = TamiyoPolicy(PolicyConfig(seed=seed))
+    weights = dict(base.weights)
+    weights["action_head.weight"] = np.zeros_like(weights["action_head.weight"])
+    weights["action_head.bias"] = np.array([1.0, 0.0, 0.0, 0.0], dtype=np.float32)
+    weights["blueprint_head.weight"] = np.zeros_like(weights["blueprint_head.weight"])
+    blueprint_bias = np.full_like(weights["blueprint_head.bias"], -1.0)
+    blueprint_bias[base.blueprint_candidates.index("BP009")] = 1.0
+    weights["blueprint_head.bias"] = blueprint_bias
+    return TamiyoPolicy(base.config, weights)
 
 
 def system_state(

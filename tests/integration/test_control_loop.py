@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import redis.asyncio as aioredis
 import torch
 from _loop_support import (
@@ -47,9 +48,8 @@ from esper.tamiyo import (
     TamiyoPolicyRegistry,
     TamiyoService,
     encode_policy,
-    publish_simic_update,
 )
-from esper.tamiyo.simic import train_policy_update
+from esper.tamiyo.simic import publish_simic_update, train_policy_update
 from esper.urza import UrzaLibrary, UrzaRuntime
 from esper.urza.prefetch import UrzaPrefetchWorker
 
@@ -319,7 +319,7 @@ async def test_simic_update_on_the_bus_changes_decisions_and_forgeries_do_not(
         assert controller.policy_version == 1
         assert await probe("probe-after") == "optimizer"
 
-        weights = {k: v.clone() for k, v in controller.policy.state_dict().items()}
+        weights = {k: v.copy() for k, v in controller.policy.weights.items()}
         # Forged 1: signed with a key Tamiyo does not hold -> Oona dead-letters it.
         outsider = make_client("simic-forged", ring=KeyRing(b"not-the-bus-secret-0123456789abcd"))
         forged = L.PolicyUpdate()
@@ -353,8 +353,8 @@ async def test_simic_update_on_the_bus_changes_decisions_and_forgeries_do_not(
     assert set(letters) == {"bad_signature", "policy_shape_mismatch", "policy_stale_version"}
     assert all(f[b"source_stream"] == b"oona.policy" for f in letters.values())
     assert controller.policy_version == 1
-    for key, value in controller.policy.state_dict().items():
-        assert torch.equal(value, weights[key])
+    for key, value in controller.policy.weights.items():
+        assert np.array_equal(value, weights[key])
     snap = service.metrics_snapshot()
     assert snap["policy_updates_accepted"] == 1
     assert snap["policy_updates_rejected.shape_mismatch"] == 1

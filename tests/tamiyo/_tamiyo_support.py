@@ -1,8 +1,8 @@
-"""Shared builders for the Tamiyo tests (real torch, real protobufs, no mocks)."""
+"""Shared builders for the Tamiyo tests (real policies, real protobufs, no mocks)."""
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
 from esper.leyline import leyline_pb2
 from esper.security import KeyRing
@@ -47,16 +47,17 @@ def safe_catalog(*overrides: leyline_pb2.BlueprintDescriptor) -> StaticBlueprint
 
 def biased_policy(action: PolicyAction, blueprint_id: str = "BP003", *, seed: int = 0) -> TamiyoPolicy:
     """A real policy whose heads always pick ``action`` and ``blueprint_id``."""
-    policy = TamiyoPolicy(PolicyConfig(seed=seed))
-    index = policy.blueprint_candidates.index(blueprint_id)
-    with torch.no_grad():
-        policy.action_head.weight.zero_()
-        policy.action_head.bias.fill_(-5.0)
-        policy.action_head.bias[int(action)] = 5.0
-        policy.blueprint_head.weight.zero_()
-        policy.blueprint_head.bias.fill_(-5.0)
-        policy.blueprint_head.bias[index] = 5.0
-    return policy
+    base = TamiyoPolicy(PolicyConfig(seed=seed))
+    weights = dict(base.weights)
+    for head, pick in (
+        ("action_head", int(action)),
+        ("blueprint_head", base.blueprint_candidates.index(blueprint_id)),
+    ):
+        weights[f"{head}.weight"] = np.zeros_like(weights[f"{head}.weight"])
+        bias = np.full_like(weights[f"{head}.bias"], -5.0)
+        bias[pick] = 5.0
+        weights[f"{head}.bias"] = bias
+    return TamiyoPolicy(base.config, weights)
 
 
 def make_state(
@@ -90,8 +91,5 @@ def make_state(
 
 
 def weight_bytes(policy: TamiyoPolicy) -> dict[str, bytes]:
-    """Exact bytes of every tensor, for byte-identical comparisons."""
-    return {
-        key: bytes(value.detach().contiguous().view(torch.uint8).flatten().tolist())
-        for key, value in policy.state_dict().items()
-    }
+    """Exact bytes of every weight array, for byte-identical comparisons."""
+    return {key: value.tobytes() for key, value in policy.weights.items()}

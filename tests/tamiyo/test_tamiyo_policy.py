@@ -4,11 +4,15 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
+import pytest
 import torch
 from _tamiyo_support import make_state
 
 from esper.leyline import leyline_pb2
 from esper.tamiyo import FEATURE_DIM, FEATURE_NAMES, PolicyConfig, TamiyoPolicy, extract_features
+from esper.tamiyo.policy import WeightsMismatch
+from esper.tamiyo.simic import PolicyNetwork
 
 _SCRIPT = textwrap.dedent(
     """
@@ -28,6 +32,7 @@ _SCRIPT = textwrap.dedent(
 def test_feature_vector_layout_is_fixed() -> None:
     features = extract_features(make_state(), None)
     assert features.shape == (FEATURE_DIM,)
+    assert features.dtype == np.float32
     assert FEATURE_NAMES[:5] == (
         "validation_loss",
         "validation_accuracy",
@@ -53,14 +58,33 @@ def test_features_sanitize_non_finite_and_count_stages() -> None:
     assert values["has_previous"] == 1.0
 
 
-def test_decision_is_deterministic_even_if_left_in_train_mode() -> None:
+def test_decision_is_deterministic_and_weights_cannot_change_underneath() -> None:
     policy = TamiyoPolicy()
     features = extract_features(make_state(), 0.01)
     first = policy.decide(features)
-    policy.train()  # a caller forgetting eval() must not change anything
+    assert policy.decide(features.tolist()) == first  # plain floats or an array
+    assert TamiyoPolicy().decide(features) == first  # same seed, fresh policy
+    with pytest.raises(ValueError, match="read-only"):
+        policy.weights["action_head.bias"][0] = 99.0
+    with pytest.raises(TypeError):
+        policy.weights["action_head.bias"] = np.zeros(4, dtype=np.float32)  # type: ignore[index]
     assert policy.decide(features) == first
-    assert policy.training  # decide restores the caller's mode
-    assert TamiyoPolicy().decide(features) == first  # same seed, fresh module
+
+
+def test_weights_must_fit_the_interface() -> None:
+    good = dict(TamiyoPolicy().weights)
+    cases = {
+        "key_mismatch": {k: v for k, v in good.items() if k != "param_head.bias"},
+        "shape_mismatch": {**good, "param_head.bias": np.zeros(2, dtype=np.float32)},
+        "dtype_mismatch": {**good, "param_head.bias": np.zeros(1, dtype=np.float64)},
+        "non_finite": {**good, "param_head.bias": np.array([np.nan], dtype=np.float32)},
+    }
+    for reason, weights in cases.items():
+        with pytest.raises(WeightsMismatch) as info:
+            TamiyoPolicy(PolicyConfig(), weights)
+        assert info.value.reason == reason
+    with pytest.raises(ValueError, match="shape"):
+        TamiyoPolicy().decide(np.zeros(FEATURE_DIM + 1))
 
 
 def test_same_seed_gives_same_action_across_processes() -> None:
@@ -83,16 +107,26 @@ def test_same_seed_gives_same_action_across_processes() -> None:
     assert runs[0] == f"{out.action.name} {out.blueprint_id} {out.param!r} {out.action_probs!r}"
 
 
-def test_init_does_not_touch_global_rng() -> None:
+def test_init_does_not_touch_global_rngs() -> None:
+    np.random.seed(123)
     torch.manual_seed(123)
-    expected = torch.rand(3)
+    expected = (np.random.rand(3), torch.rand(3))
+    np.random.seed(123)
     torch.manual_seed(123)
-    TamiyoPolicy(PolicyConfig(seed=99))
-    assert torch.equal(torch.rand(3), expected)
+    policy = TamiyoPolicy(PolicyConfig(seed=99))
+    PolicyNetwork(policy)
+    assert np.array_equal(np.random.rand(3), expected[0])
+    assert torch.equal(torch.rand(3), expected[1])
 
 
-def test_interface_lists_keys_and_shapes() -> None:
-    interface = TamiyoPolicy().interface()
+def test_interface_lists_keys_and_shapes_of_both_forms() -> None:
+    policy = TamiyoPolicy()
+    interface = policy.interface()
     assert interface["blueprint_head.weight"] == (7, 64)
     assert interface["action_head.bias"] == (4,)
     assert interface["encoder.0.weight"] == (64, FEATURE_DIM)
+    assert {k: v.shape for k, v in policy.weights.items()} == interface
+    network = PolicyNetwork(policy)
+    assert {k: tuple(v.shape) for k, v in network.state_dict().items()} == interface
+    back = network.to_policy()
+    assert all(np.array_equal(back.weights[k], policy.weights[k]) for k in interface)

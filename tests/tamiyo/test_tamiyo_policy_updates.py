@@ -6,6 +6,7 @@ import pickle
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from _tamiyo_support import biased_policy, keyring, make_state, safe_catalog, weight_bytes
@@ -44,8 +45,8 @@ def _controller(tmp_path: Path, action: PolicyAction = PolicyAction.NO_OP) -> Ta
     return TamiyoController(keyring(), safe_catalog(), registry=registry)
 
 
-def _tensors(policy: TamiyoPolicy) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in policy.state_dict().items()}
+def _tensors(policy: TamiyoPolicy) -> dict[str, np.ndarray]:
+    return {k: v.copy() for k, v in policy.weights.items()}
 
 
 class _Trap:
@@ -109,7 +110,7 @@ def test_version_rules() -> None:
 def test_wrong_keys_are_rejected(tmp_path: Path) -> None:
     ctl = _controller(tmp_path)
     tensors = _tensors(biased_policy(PolicyAction.GERMINATE))
-    tensors["extra.weight"] = torch.zeros(2)
+    tensors["extra.weight"] = np.zeros(2, dtype=np.float32)
     _assert_rejected(ctl, _update(encode_tensors(tensors)), "key_mismatch")
     tensors = _tensors(biased_policy(PolicyAction.GERMINATE))
     del tensors["param_head.bias"]
@@ -119,15 +120,21 @@ def test_wrong_keys_are_rejected(tmp_path: Path) -> None:
 def test_wrong_shapes_are_rejected(tmp_path: Path) -> None:
     ctl = _controller(tmp_path)
     tensors = _tensors(biased_policy(PolicyAction.GERMINATE))
-    tensors["blueprint_head.weight"] = torch.zeros(8, 64)
+    tensors["blueprint_head.weight"] = np.zeros((8, 64), dtype=np.float32)
     _assert_rejected(ctl, _update(encode_tensors(tensors)), "shape_mismatch")
 
 
 def test_wrong_dtype_is_rejected(tmp_path: Path) -> None:
     ctl = _controller(tmp_path)
     tensors = _tensors(biased_policy(PolicyAction.GERMINATE))
-    tensors["action_head.bias"] = tensors["action_head.bias"].double()
+    tensors["action_head.bias"] = tensors["action_head.bias"].astype(np.float64)
     _assert_rejected(ctl, _update(encode_tensors(tensors)), "dtype_mismatch")
+    # bfloat16 has no numpy twin: it is refused from the header, before anything is decoded
+    from safetensors.torch import save
+
+    weights = {k: torch.from_numpy(v) for k, v in _tensors(biased_policy(PolicyAction.GERMINATE)).items()}
+    weights["action_head.bias"] = weights["action_head.bias"].to(torch.bfloat16)
+    _assert_rejected(ctl, _update(save(weights)), "dtype_mismatch")
 
 
 def test_non_finite_tensors_are_rejected(tmp_path: Path) -> None:
@@ -143,7 +150,7 @@ def test_candidate_list_must_match(tmp_path: Path) -> None:
     policy = biased_policy(PolicyAction.GERMINATE)
     meta = policy_metadata(policy, 1, "p")
     meta["blueprint_candidates"] = json.dumps(["BP099", *policy.blueprint_candidates[1:]])
-    _assert_rejected(ctl, _update(encode_tensors(policy.state_dict(), meta)), "candidate_mismatch")
+    _assert_rejected(ctl, _update(encode_tensors(policy.weights, meta)), "candidate_mismatch")
 
 
 def test_pickle_payloads_are_rejected_and_never_unpickled(tmp_path: Path) -> None:
@@ -160,9 +167,10 @@ def test_pickle_payloads_are_rejected_and_never_unpickled(tmp_path: Path) -> Non
     torch.save({"trap": _Trap(marker)}, buffer)
     _assert_rejected(ctl, _update(buffer.getvalue()), "unsafe_payload")
     legacy = io.BytesIO()
-    torch.save(
-        biased_policy(PolicyAction.GERMINATE).state_dict(), legacy, _use_new_zipfile_serialization=False
-    )
+    weights = {
+        k: torch.from_numpy(v.copy()) for k, v in biased_policy(PolicyAction.GERMINATE).weights.items()
+    }
+    torch.save(weights, legacy, _use_new_zipfile_serialization=False)
     _assert_rejected(ctl, _update(legacy.getvalue()), "unsafe_payload")
     assert not marker.exists()
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
+import numpy as np
 from _tamiyo_support import keyring, make_state, safe_catalog, weight_bytes
 
 from esper.leyline import leyline_pb2
@@ -127,7 +127,7 @@ def test_forged_update_with_changed_shapes_is_rejected(tmp_path: Path) -> None:
     run = train_policy_update(reports, registry)
     assert run.update is not None
     tensors, meta = decode_payload(run.update.payload)
-    tensors["encoder.2.weight"] = torch.zeros(64, 65)
+    tensors["encoder.2.weight"] = np.zeros((64, 65), dtype=np.float32)
     forged = leyline_pb2.PolicyUpdate()
     forged.CopyFrom(run.update)
     forged.payload = encode_tensors(tensors, meta)

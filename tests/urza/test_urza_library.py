@@ -217,7 +217,7 @@ def test_hostile_pickle_is_rejected_without_unpickling(tmp_path: Path, library: 
 
 def test_manifest_shape_mismatch_is_corrupt(tmp_path: Path) -> None:
     from esper.tezzeret.kernels import build_kernel
-    from esper.urza.artifact import load_bytes, serialize
+    from esper.urza.modules import load_bytes, serialize
 
     module = build_kernel("BP009", {"depth": 2}, 16)
     blob, _ = serialize(

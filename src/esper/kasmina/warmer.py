@@ -1,13 +1,17 @@
 """Kasmina's role inside the control plane: keep the kernels about to be grafted warm.
 
-Training processes graft seeds; the control plane has no host model. What
-it can do is make every graft fast and safe: when Tamiyo commands a
-GERMINATE (seen on ``oona.normal``) or the forge announces a kernel
-(``KernelCatalogUpdate`` on ``oona.kernels.ready``), the warmer verifies the
-artifact (checksum and guard, hashed at most once per file version) and
-loads its tensors into Urza's kernel cache. The prefetch worker then answers
-the trainer's ``KernelPrefetchRequest`` from an already verified file, and a
-corrupt artifact is reported before any trainer asks for it.
+Training processes graft seeds; the control plane has no host model (and
+no torch). What it can do is make every graft fast and safe: when Tamiyo
+commands a GERMINATE (seen on ``oona.normal``) or the forge announces a
+kernel (``KernelCatalogUpdate`` on ``oona.kernels.ready``), the warmer
+verifies the catalogued artifact through the library it shares with the
+prefetch worker (checksum, manifest, guard digest and safetensors header,
+hashed at most once per file version). "Warm" means exactly that: the
+prefetch worker then answers the trainer's ``KernelPrefetchRequest`` without
+hashing the file again, and a corrupt artifact is reported before any
+trainer asks for it. Building the module - the full load check that tensors
+fit their family - happens in the trainer, which loads and verifies every
+kernel it attaches.
 
 Each warm-up produces a ``kasmina`` telemetry packet whose priority rides in
 ``system_health.indicators["priority"]`` (HIGH when verification failed), so
@@ -33,7 +37,7 @@ _CATALOG = leyline_pb2.BUS_MESSAGE_TYPE_KERNEL_CATALOG_UPDATE
 
 
 class KernelWarmer:
-    """Verifies and pre-loads kernels named by commands and catalog updates.
+    """Verifies the kernels named by commands and catalog updates before trainers ask for them.
 
     ``commands`` and ``catalog`` are broadcast readers: every replica of the
     control plane warms every kernel, so whichever replica a trainer's
@@ -84,11 +88,10 @@ class KernelWarmer:
             await self.warm_kernel(update.blueprint_id, trigger="catalog_update")
 
     async def warm_kernel(self, blueprint_id: str, *, trigger: str) -> bool:
-        """Verify and load one kernel off the event loop; True when it is ready to serve."""
+        """Verify one catalogued kernel off the event loop (no module is built); True if it can be served."""
         started = time.perf_counter()
         try:
             info = await self.library.averify_artifact(blueprint_id)
-            await self.library.aload(blueprint_id)
         except UrzaError as exc:
             self.outcomes[exc.reason] += 1
             self.warm.pop(blueprint_id, None)

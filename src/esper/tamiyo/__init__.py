@@ -4,7 +4,11 @@ Bus-independent core: :class:`TamiyoController` turns SystemStatePackets
 into signed commands, telemetry and field reports; policy updates go through
 :meth:`TamiyoController.apply_policy_update`. :class:`TamiyoService` runs it
 on Oona (states and policy updates in; commands, reports, telemetry out).
-Offline training lives in :mod:`esper.tamiyo.simic`.
+
+Nothing here imports torch: :class:`TamiyoPolicy` is evaluated with numpy
+and policy updates are safetensors read with numpy, so the control plane
+stays small. Offline training (torch) lives in :mod:`esper.tamiyo.simic`,
+including ``publish_simic_update``.
 """
 
 from esper.tamiyo.controller import TamiyoController
@@ -26,7 +30,7 @@ from esper.tamiyo.registry import (
     encode_policy,
     policy_version_of,
 )
-from esper.tamiyo.service import TamiyoService, publish_simic_update
+from esper.tamiyo.service import TamiyoService
 
 __all__ = [
     "DEFAULT_BLUEPRINT_CANDIDATES",
@@ -53,5 +57,4 @@ __all__ = [
     "extract_features",
     "generate_field_report",
     "policy_version_of",
-    "publish_simic_update",
 ]

@@ -30,8 +30,6 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 
-import torch
-
 from esper.core import (
     EsperSettings,
     TelemetryEvent,
@@ -213,7 +211,7 @@ class TamiyoController:
         features = feature_values(state, loss_trend)
         policy, version = self.registry.policy, self.registry.version
         started = time.perf_counter()
-        output = policy.decide(torch.tensor(features, dtype=torch.float32))
+        output = policy.decide(features)
         latency_ms = (time.perf_counter() - started) * 1000.0
 
         events: list[TelemetryEvent] = []

@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import math
 
-import torch
+import numpy as np
+from numpy.typing import NDArray
 
 from esper.leyline import leyline_pb2
 
@@ -131,6 +132,8 @@ def feature_values(state: leyline_pb2.SystemStatePacket, loss_trend: float | Non
     return [_clean(v) for v in values]
 
 
-def extract_features(state: leyline_pb2.SystemStatePacket, loss_trend: float | None = None) -> torch.Tensor:
-    """The feature vector as a float32 tensor of shape ``(FEATURE_DIM,)``."""
-    return torch.tensor(feature_values(state, loss_trend), dtype=torch.float32)
+def extract_features(
+    state: leyline_pb2.SystemStatePacket, loss_trend: float | None = None
+) -> NDArray[np.float32]:
+    """The feature vector as a float32 array of shape ``(FEATURE_DIM,)`` (what the policy reads)."""
+    return np.asarray(feature_values(state, loss_trend), dtype=np.float32)

@@ -1,11 +1,13 @@
-"""Policy weights on the wire and on disk: safetensors only, never pickle.
+"""Policy weights on the wire and on disk: safetensors only, never pickle, never torch.
 
 Esper-lite v1 shipped policies as ``torch.save`` pickles and loaded them with
 ``torch.load``, so anyone able to publish on the policy stream
 could run code inside the control plane. Here a payload is a safetensors
 blob: an 8-byte little-endian header length, a JSON header naming each
 tensor's dtype, shape and byte range, then raw tensor bytes. Parsing it is
-pure data handling, so a hostile payload can at worst be rejected.
+pure data handling - the header is checked by
+:mod:`esper.core.safetensors_header` and the tensors are decoded with
+safetensors' numpy API - so a hostile payload can at worst be rejected.
 
 Pickled payloads get their own reason (``unsafe_payload``) so operators can
 tell an old v1 publisher or an attack from plain corruption
@@ -14,25 +16,30 @@ tell an old v1 publisher or an attack from plain corruption
 
 from __future__ import annotations
 
-import json
-import struct
 from collections.abc import Mapping
 
+import numpy as np
 import safetensors
-import safetensors.torch
-import torch
+import safetensors.numpy
+from numpy.typing import NDArray
+
+from esper.core.safetensors_header import HeaderError, SafetensorsHeader, parse_header
 
 #: Payloads larger than this are refused before parsing.
 MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
 
-# torch dtype -> safetensors dtype name accepted by ``safetensors.serialize``.
-_DTYPE_NAMES: dict[torch.dtype, str] = {
-    torch.float32: "float32",
-    torch.float64: "float64",
-    torch.float16: "float16",
-    torch.bfloat16: "bfloat16",
-    torch.int64: "int64",
-    torch.int32: "int32",
+#: safetensors dtype code -> numpy dtype name (how a layout is reported; BF16 has no numpy twin).
+DTYPE_NAMES: dict[str, str] = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
 }
 
 # Leading bytes of formats that are (or wrap) pickles.
@@ -49,24 +56,12 @@ class PayloadError(ValueError):
         self.detail = detail
 
 
-def encode_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
-    """Serialize tensors as safetensors bytes (without needing numpy)."""
-    keep_alive: list[torch.Tensor] = []
-    specs = {}
-    for name, tensor in tensors.items():
-        flat = tensor.detach().to("cpu").contiguous()
-        dtype = _DTYPE_NAMES.get(flat.dtype)
-        if dtype is None:
-            raise ValueError(f"unsupported dtype {flat.dtype} for {name}")
-        keep_alive.append(flat)
-        specs[name] = safetensors.TensorSpec(
-            dtype=dtype,
-            shape=list(flat.shape),
-            data_ptr=flat.data_ptr(),
-            data_len=flat.numel() * flat.element_size(),
-        )
-    blob: bytes = safetensors.serialize(specs, metadata=dict(metadata) if metadata else None)
-    del keep_alive
+def encode_tensors(
+    tensors: Mapping[str, NDArray[np.generic]], metadata: Mapping[str, str] | None = None
+) -> bytes:
+    """Serialize arrays as safetensors bytes."""
+    arrays = {name: np.ascontiguousarray(value) for name, value in tensors.items()}
+    blob: bytes = safetensors.numpy.save(arrays, metadata=dict(metadata) if metadata else None)
     return blob
 
 
@@ -77,41 +72,38 @@ def looks_like_pickle(payload: bytes) -> bool:
     return len(payload) >= 2 and payload[0] == _PICKLE_PROTOCOL_MARKER and 2 <= payload[1] <= 5
 
 
-def read_metadata(payload: bytes) -> dict[str, str]:
-    """The ``__metadata__`` map of a safetensors blob (plain JSON parsing)."""
-    if len(payload) < 8:
-        raise PayloadError("malformed_payload", "shorter than the safetensors header length")
-    (header_len,) = struct.unpack("<Q", payload[:8])
-    if header_len == 0 or 8 + header_len > len(payload):
-        raise PayloadError("malformed_payload", "safetensors header length out of range")
-    try:
-        header = json.loads(payload[8 : 8 + header_len].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PayloadError("malformed_payload", f"header is not JSON: {exc}") from None
-    if not isinstance(header, dict):
-        raise PayloadError("malformed_payload", "header is not a JSON object")
-    metadata = header.get("__metadata__") or {}
-    if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-    ):
-        raise PayloadError("malformed_payload", "__metadata__ must map strings to strings")
-    return dict(metadata)
-
-
-def decode_payload(payload: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Parse a safetensors blob into (tensors, metadata) or raise :class:`PayloadError`.
-
-    Tensors are cloned so they own their memory (the blob may be reused).
-    """
+def read_header(payload: bytes) -> SafetensorsHeader:
+    """The checked header of a payload (nothing decoded) or :class:`PayloadError`."""
     if not payload:
         raise PayloadError("malformed_payload", "empty payload")
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise PayloadError("malformed_payload", f"payload larger than {MAX_PAYLOAD_BYTES} bytes")
     if looks_like_pickle(payload):
         raise PayloadError("unsafe_payload", "pickle/torch.save payloads are never loaded")
-    metadata = read_metadata(payload)
     try:
-        raw = safetensors.torch.load(payload)
-    except (safetensors.SafetensorError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        return parse_header(payload)
+    except HeaderError as exc:
+        raise PayloadError("malformed_payload", str(exc)) from None
+
+
+def layout(header: SafetensorsHeader) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Tensor name -> (numpy dtype name, shape), as the header declares them."""
+    return {
+        name: (DTYPE_NAMES.get(entry.dtype, entry.dtype.lower()), entry.shape)
+        for name, entry in header.tensors.items()
+    }
+
+
+def decode_tensors(payload: bytes) -> dict[str, NDArray[np.generic]]:
+    """Decode the tensors of a payload whose header passed :func:`read_header` into owned arrays."""
+    try:
+        raw = safetensors.numpy.load(payload)
+    except (safetensors.SafetensorError, ValueError, KeyError, TypeError) as exc:
         raise PayloadError("malformed_payload", f"not a valid safetensors blob: {exc}") from None
-    return {name: tensor.clone() for name, tensor in raw.items()}, metadata
+    return {name: np.array(value, copy=True) for name, value in raw.items()}
+
+
+def decode_payload(payload: bytes) -> tuple[dict[str, NDArray[np.generic]], dict[str, str]]:
+    """Parse a safetensors blob into (arrays, metadata) or raise :class:`PayloadError`."""
+    header = read_header(payload)
+    return decode_tensors(payload), header.metadata

@@ -1,26 +1,38 @@
-"""TamiyoPolicy: the small network that proposes one adaptation per epoch.
+"""TamiyoPolicy: the small network that proposes one adaptation per epoch, evaluated with numpy.
 
-The network is deliberately tiny and free of stochastic layers: decisions
-must be reproducible (esper-lite v1 left dropout active in train
-mode), so :meth:`TamiyoPolicy.decide` always runs in eval mode under
-``torch.no_grad`` and weights are initialised from an explicit seed with a
-private generator (never the global RNG), making two fresh processes with
-the same seed agree bit for bit.
+The network is two tanh layers and three linear heads (action, blueprint
+candidate, parameter) - small enough that the control plane evaluates it
+with a numpy forward pass and never imports torch. It has no stochastic
+layers, so a decision is a pure function of the weights and the features.
+Simic trains the same architecture in torch
+(:class:`esper.tamiyo.simic.PolicyNetwork`, loaded from and converted back
+to these weights); a test holds the two forward passes to identical
+decisions on the same weights.
 
-The ``state_dict`` keys and shapes (see :func:`TamiyoPolicy.interface`) are
-the policy's interface: policy updates are accepted only when they match
-exactly, and the candidate blueprint list is recorded alongside persisted
-weights because the blueprint head's output *i* means candidate *i*.
+Weights are a mapping of float32 arrays named like a torch ``state_dict``
+(``encoder.0.weight``, ..., ``param_head.bias``); :func:`policy_interface`
+lists the names and shapes. That mapping *is* the policy's interface: policy
+updates are accepted only when they match exactly, and the candidate
+blueprint list is recorded alongside persisted weights because the blueprint
+head's output *i* means candidate *i*. A policy's arrays are read-only, so
+the policy in force can never change under the controller; a new one is
+built instead.
+
+An untrained policy is initialised from an explicit seed with its own
+generator (never a global RNG), so two fresh processes with the same seed
+agree bit for bit; see :func:`initial_weights` for the growth prior.
 """
 
 from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
-import torch
-from torch import nn
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from esper.tamiyo.features import FEATURE_DIM
 
@@ -34,6 +46,8 @@ DEFAULT_BLUEPRINT_CANDIDATES: tuple[str, ...] = (
     "BP021",
     "BP022",
 )
+
+Weights = Mapping[str, NDArray[np.float32]]
 
 
 class PolicyAction(enum.IntEnum):
@@ -54,7 +68,7 @@ class PolicyConfig:
     feature_dim: int = FEATURE_DIM
     #: Seed for the deterministic weight initialisation.
     seed: int = 0
-    #: Initial action preference of an untrained policy (see ``TamiyoPolicy._init_weights``).
+    #: Initial action preference of an untrained policy (see :func:`initial_weights`).
     growth_prior: bool = True
 
     def __post_init__(self) -> None:
@@ -78,88 +92,150 @@ class PolicyOutput:
     action_probs: tuple[float, ...] = field(default=())
 
 
-class TamiyoPolicy(nn.Module):
-    """Two tanh layers and three heads: action, blueprint candidate, parameter."""
+class WeightsMismatch(ValueError):
+    """Weights that do not fit a policy's interface; ``reason`` is a stable code."""
 
-    def __init__(self, config: PolicyConfig | None = None) -> None:
-        super().__init__()
-        self.config = config or PolicyConfig()
-        cfg = self.config
-        # nn.Linear initialises from the global RNG; fork it so building a policy
-        # never perturbs the caller's random stream (weights are reset below anyway).
-        with torch.random.fork_rng(devices=[]):
-            self.encoder = nn.Sequential(
-                nn.Linear(cfg.feature_dim, cfg.hidden_dim),
-                nn.Tanh(),
-                nn.Linear(cfg.hidden_dim, cfg.hidden_dim),
-                nn.Tanh(),
-            )
-            self.action_head = nn.Linear(cfg.hidden_dim, len(PolicyAction))
-            self.blueprint_head = nn.Linear(cfg.hidden_dim, len(cfg.blueprint_candidates))
-            self.param_head = nn.Linear(cfg.hidden_dim, 1)
-        self._init_weights(cfg.seed)
-        self.eval()
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
 
-    def _init_weights(self, seed: int) -> None:
-        """Seeded uniform init, then (by default) a growth prior on the action head.
 
-        An untrained network's argmax is arbitrary (with seed 0 it always picks
-        PAUSE, i.e. it never grows anything). The prior shrinks the random
-        action weights and sets the biases so that an untrained policy prefers
-        GERMINATE, then NO_OP, and never PAUSE; the controller still defers a
-        graft while another is in progress and applies every risk rule. Simic
-        updates replace all of it with learned weights.
+def linear_layers(config: PolicyConfig) -> tuple[tuple[str, int, int], ...]:
+    """``(name, in_features, out_features)`` of every linear layer, in forward order."""
+    hidden = config.hidden_dim
+    return (
+        ("encoder.0", config.feature_dim, hidden),
+        ("encoder.2", hidden, hidden),
+        ("action_head", hidden, len(PolicyAction)),
+        ("blueprint_head", hidden, len(config.blueprint_candidates)),
+        ("param_head", hidden, 1),
+    )
+
+
+def policy_interface(config: PolicyConfig) -> dict[str, tuple[int, ...]]:
+    """Weight names and shapes: what a policy update must match exactly."""
+    interface: dict[str, tuple[int, ...]] = {}
+    for name, n_in, n_out in linear_layers(config):
+        interface[f"{name}.weight"] = (n_out, n_in)
+        interface[f"{name}.bias"] = (n_out,)
+    return interface
+
+
+def check_layout(config: PolicyConfig, layout: Mapping[str, tuple[str, Sequence[int]]]) -> None:
+    """Raise :class:`WeightsMismatch` unless ``layout`` (name -> (dtype name, shape)) fits ``config``."""
+    expected = policy_interface(config)
+    missing = sorted(set(expected) - set(layout))
+    unexpected = sorted(set(layout) - set(expected))
+    if missing or unexpected:
+        raise WeightsMismatch("key_mismatch", f"missing={missing} unexpected={unexpected}")
+    for key, shape in expected.items():
+        dtype, got = layout[key]
+        if tuple(got) != shape:
+            raise WeightsMismatch("shape_mismatch", f"{key}: {tuple(got)} != {shape}")
+        if dtype != "float32":
+            raise WeightsMismatch("dtype_mismatch", f"{key}: {dtype} != float32")
+
+
+def check_finite(weights: Mapping[str, NDArray[np.generic]]) -> None:
+    for key, value in weights.items():
+        if not bool(np.isfinite(value).all()):
+            raise WeightsMismatch("non_finite", f"{key} holds NaN or infinite values")
+
+
+def initial_weights(config: PolicyConfig) -> dict[str, NDArray[np.float32]]:
+    """Seeded uniform init, then (by default) a growth prior on the action head.
+
+    Every weight and bias is drawn from ``U(-1/sqrt(in), 1/sqrt(in))`` by a
+    generator seeded with ``config.seed``. An untrained network's argmax is
+    arbitrary (it may well always pick PAUSE, i.e. never grow anything). The
+    prior shrinks the random action weights tenfold and sets the action
+    biases so that an untrained policy prefers GERMINATE, then NO_OP, and
+    never PAUSE; the controller still defers a graft while another is in
+    progress and applies every risk rule. Simic updates replace all of it
+    with learned weights.
+    """
+    rng = np.random.default_rng(config.seed)
+    weights: dict[str, NDArray[np.float32]] = {}
+    for name, n_in, n_out in linear_layers(config):
+        bound = 1.0 / math.sqrt(n_in)
+        weights[f"{name}.weight"] = rng.uniform(-bound, bound, (n_out, n_in)).astype(np.float32)
+        weights[f"{name}.bias"] = rng.uniform(-bound, bound, (n_out,)).astype(np.float32)
+    if config.growth_prior:
+        weights["action_head.weight"] *= np.float32(0.1)
+        prior = np.zeros(len(PolicyAction), dtype=np.float32)
+        prior[PolicyAction.GERMINATE] = 1.0
+        prior[PolicyAction.NO_OP] = 0.5
+        prior[PolicyAction.PAUSE] = -1.0
+        weights["action_head.bias"] = prior
+    return weights
+
+
+def _softmax(logits: NDArray[np.float32]) -> NDArray[np.float32]:
+    shifted = np.exp(logits - logits.max())
+    out: NDArray[np.float32] = shifted / shifted.sum()
+    return out
+
+
+class TamiyoPolicy:
+    """The policy in force: immutable weights and a deterministic numpy forward pass."""
+
+    def __init__(
+        self, config: PolicyConfig | None = None, weights: Mapping[str, NDArray[np.generic]] | None = None
+    ) -> None:
+        """``weights`` default to :func:`initial_weights`; given ones must fit the interface exactly.
+
+        Raises :class:`WeightsMismatch` (``key_mismatch``, ``shape_mismatch``,
+        ``dtype_mismatch``, ``non_finite``) otherwise. The arrays are copied.
         """
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for module in self.modules():
-                if isinstance(module, nn.Linear):
-                    bound = 1.0 / math.sqrt(module.in_features)
-                    module.weight.uniform_(-bound, bound, generator=generator)
-                    module.bias.uniform_(-bound, bound, generator=generator)
-            if self.config.growth_prior:
-                self.action_head.weight.mul_(0.1)
-                prior = torch.zeros(len(PolicyAction))
-                prior[PolicyAction.GERMINATE] = 1.0
-                prior[PolicyAction.NO_OP] = 0.5
-                prior[PolicyAction.PAUSE] = -1.0
-                self.action_head.bias.copy_(prior)
+        self.config = config or PolicyConfig()
+        if weights is None:
+            arrays = initial_weights(self.config)
+        else:
+            check_layout(
+                self.config, {k: (np.asarray(v).dtype.name, np.shape(v)) for k, v in weights.items()}
+            )
+            check_finite(weights)
+            arrays = {k: np.array(v, dtype=np.float32, order="C", copy=True) for k, v in weights.items()}
+        for array in arrays.values():
+            array.flags.writeable = False
+        self._weights: Mapping[str, NDArray[np.float32]] = MappingProxyType(arrays)
 
     @property
     def blueprint_candidates(self) -> tuple[str, ...]:
         return self.config.blueprint_candidates
 
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Logits for actions and blueprints and the raw parameter, for a batch ``(N, F)``."""
-        hidden = self.encoder(features)
-        return self.action_head(hidden), self.blueprint_head(hidden), self.param_head(hidden).squeeze(-1)
-
-    def decide(self, features: torch.Tensor) -> PolicyOutput:
-        """Deterministic decision for one feature vector ``(F,)``."""
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                action_logits, blueprint_logits, param = self(features.reshape(1, -1).to(torch.float32))
-        finally:
-            self.train(was_training)
-        probs = torch.softmax(action_logits[0], dim=-1)
-        action = PolicyAction(int(torch.argmax(action_logits[0]).item()))
-        bp_index = int(torch.argmax(blueprint_logits[0]).item())
-        return PolicyOutput(
-            action=action,
-            blueprint_index=bp_index,
-            blueprint_id=self.config.blueprint_candidates[bp_index],
-            param=float(torch.tanh(param[0]).item()),
-            action_probs=tuple(float(p) for p in probs.tolist()),
-        )
+    @property
+    def weights(self) -> Weights:
+        """Read-only arrays by name; ``dict(policy.weights)`` plus changes builds a new policy."""
+        return self._weights
 
     def interface(self) -> dict[str, tuple[int, ...]]:
-        """State-dict keys and shapes: what a policy update must match exactly."""
-        return {key: tuple(value.shape) for key, value in self.state_dict().items()}
+        return policy_interface(self.config)
 
-    def clone(self) -> TamiyoPolicy:
-        """An independent copy with the same config and weights."""
-        twin = TamiyoPolicy(self.config)
-        twin.load_state_dict(self.state_dict(), strict=True)
-        return twin
+    def forward(
+        self, features: ArrayLike
+    ) -> tuple[NDArray[np.float32], NDArray[np.float32], NDArray[np.float32]]:
+        """Action logits ``(N, 4)``, blueprint logits ``(N, C)`` and raw parameter ``(N,)`` for ``(N, F)``."""
+        x = np.asarray(features, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.config.feature_dim:
+            raise ValueError(f"features must have shape (N, {self.config.feature_dim}), got {x.shape}")
+        w = self._weights
+        hidden = np.tanh(x @ w["encoder.0.weight"].T + w["encoder.0.bias"])
+        hidden = np.tanh(hidden @ w["encoder.2.weight"].T + w["encoder.2.bias"])
+        actions = hidden @ w["action_head.weight"].T + w["action_head.bias"]
+        blueprints = hidden @ w["blueprint_head.weight"].T + w["blueprint_head.bias"]
+        param = (hidden @ w["param_head.weight"].T + w["param_head.bias"])[:, 0]
+        return actions, blueprints, param
+
+    def decide(self, features: ArrayLike) -> PolicyOutput:
+        """The deterministic decision for one feature vector ``(F,)`` (first maximum wins a tie)."""
+        actions, blueprints, param = self.forward(np.asarray(features, dtype=np.float32).reshape(1, -1))
+        bp_index = int(np.argmax(blueprints[0]))
+        return PolicyOutput(
+            action=PolicyAction(int(np.argmax(actions[0]))),
+            blueprint_index=bp_index,
+            blueprint_id=self.config.blueprint_candidates[bp_index],
+            param=float(np.tanh(param[0])),
+            action_probs=tuple(float(p) for p in _softmax(actions[0])),
+        )

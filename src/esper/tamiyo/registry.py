@@ -3,10 +3,20 @@
 Rules (esper-lite v1 took any pickle, any version, ``strict=False``):
 
 * **Version.** The monotonic policy version is ``int(update.tamiyo_policy_version)``
-  when that string is set (decimal digits only), otherwise ``update.version``.
-  (Leyline's ``version`` fields elsewhere carry the schema version, so the
-  explicit string wins; Simic sets both to the same number.) It must be
-  strictly greater than the version in force: ``stale_version`` otherwise.
+  when that string is set, otherwise ``update.version``. (Leyline's
+  ``version`` fields elsewhere carry the schema version, so the explicit
+  string wins; Simic sets both to the same number.) The string must be 1 to
+  :data:`MAX_VERSION_DIGITS` ASCII digits (``malformed_version`` otherwise:
+  no ``²``, no ``٣``, no 5,000-digit numbers; such an update is dead-lettered,
+  never retried). The version must be strictly greater than the version in
+  force (``stale_version``) and at most ``max_version_step`` (default
+  :data:`MAX_VERSION_STEP`) greater (``version_jump``). The bound is what
+  keeps one bogus far-future version - a typo such as ``99999999999`` - from
+  being accepted, persisted and then making every later update stale
+  forever; a publisher that really skips ahead does it in bounded steps, and
+  the dead letter's reason says why it was refused. Every accepted version is
+  persisted under a name the restart finds again (up to 18 digits), so it
+  neither vanishes nor changes after a restart.
 * **Freshness** (optional, ``max_age_s``): ``missing_timestamp``,
   ``stale_update`` or ``issued_in_future``. The bus already checks signature
   and freshness; this is defence in depth for callers outside the bus.
@@ -16,8 +26,11 @@ Rules (esper-lite v1 took any pickle, any version, ``strict=False``):
   (``shape_mismatch``), dtypes (``dtype_mismatch``), recorded candidate list
   when present (``candidate_mismatch``), all values finite (``non_finite``).
 
-An accepted update is loaded into a *fresh* policy with
-``load_state_dict(strict=True)``, persisted atomically to the policy
+Validation reads the safetensors header first (layout, dtypes, shapes and
+candidates are refused before a byte of tensor data is decoded), then
+decodes the arrays with safetensors' numpy API; no torch and no unpickling.
+An accepted update becomes a *new* :class:`~esper.tamiyo.policy.TamiyoPolicy`
+(the one in force is immutable), is persisted atomically to the policy
 directory, and only then swapped in, so a rejection or a failed write leaves
 the running policy byte-identical and a restart resumes the newest policy.
 """
@@ -32,16 +45,19 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from esper.core import EsperSettings, get_logger
 from esper.core.files import write_atomic
 from esper.leyline import leyline_pb2
-from esper.tamiyo.payload import PayloadError, decode_payload, encode_tensors
-from esper.tamiyo.policy import PolicyConfig, TamiyoPolicy
+from esper.tamiyo.payload import PayloadError, decode_tensors, encode_tensors, layout, read_header
+from esper.tamiyo.policy import PolicyConfig, TamiyoPolicy, WeightsMismatch, check_layout
 
 _LOG = get_logger(__name__)
-_FILE_RE = re.compile(r"^tamiyo-policy-v(\d{10})\.safetensors$")
+#: Most digits a policy version may have (every such number fits a signed 64-bit integer).
+MAX_VERSION_DIGITS = 18
+#: How far past the version in force an update may jump by default.
+MAX_VERSION_STEP = 1000
+_VERSION_RE = re.compile(rf"[0-9]{{1,{MAX_VERSION_DIGITS}}}")
+_FILE_RE = re.compile(rf"^tamiyo-policy-v([0-9]{{10,{MAX_VERSION_DIGITS}}})\.safetensors$")
 #: Tolerated clock skew for updates stamped slightly in the future.
 FUTURE_SKEW_S = 5.0
 
@@ -73,10 +89,17 @@ class PolicyRejected(Exception):
 
 def policy_version_of(update: leyline_pb2.PolicyUpdate) -> int:
     """The monotonic version an update claims (see the module docstring)."""
-    label = update.tamiyo_policy_version.strip()
+    label = update.tamiyo_policy_version.strip(" \t\r\n")
     if label:
-        if not label.isdigit():
-            raise PolicyRejected("malformed_version", f"tamiyo_policy_version {label!r} is not an integer")
+        if len(label) > MAX_VERSION_DIGITS:
+            raise PolicyRejected(
+                "malformed_version",
+                f"tamiyo_policy_version has {len(label)} characters (at most {MAX_VERSION_DIGITS} digits)",
+            )
+        if not _VERSION_RE.fullmatch(label):
+            raise PolicyRejected(
+                "malformed_version", f"tamiyo_policy_version {label!r} is not ASCII decimal digits"
+            )
         return int(label)
     if update.version == 0:
         raise PolicyRejected("malformed_version", "neither tamiyo_policy_version nor version is set")
@@ -97,37 +120,36 @@ def policy_metadata(
 
 def encode_policy(policy: TamiyoPolicy, version: int, policy_id: str, training_run_id: str = "") -> bytes:
     """The safetensors payload for ``policy`` (what a PolicyUpdate carries)."""
-    return encode_tensors(policy.state_dict(), policy_metadata(policy, version, policy_id, training_run_id))
+    return encode_tensors(policy.weights, policy_metadata(policy, version, policy_id, training_run_id))
 
 
-def validate_tensors(
-    reference: TamiyoPolicy, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
-) -> None:
-    """Raise :class:`PolicyRejected` unless ``tensors`` fit ``reference`` exactly."""
-    expected = reference.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise PolicyRejected("key_mismatch", f"missing={missing} unexpected={unexpected}")
-    for key, ref in expected.items():
-        got = tensors[key]
-        if tuple(got.shape) != tuple(ref.shape):
-            raise PolicyRejected("shape_mismatch", f"{key}: {tuple(got.shape)} != {tuple(ref.shape)}")
-        if got.dtype != ref.dtype:
-            raise PolicyRejected("dtype_mismatch", f"{key}: {got.dtype} != {ref.dtype}")
-        if not bool(torch.isfinite(got).all()):
-            raise PolicyRejected("non_finite", f"{key} holds NaN or infinite values")
+def _check_candidates(config: PolicyConfig, metadata: Mapping[str, str]) -> None:
     recorded = metadata.get(META_CANDIDATES)
-    if recorded is not None:
-        try:
-            candidates = json.loads(recorded)
-        except json.JSONDecodeError:
-            raise PolicyRejected("malformed_payload", "blueprint_candidates metadata is not JSON") from None
-        if candidates != list(reference.blueprint_candidates):
-            raise PolicyRejected(
-                "candidate_mismatch",
-                f"payload candidates {candidates} != {list(reference.blueprint_candidates)}",
-            )
+    if recorded is None:
+        return
+    try:
+        candidates = json.loads(recorded)
+    except json.JSONDecodeError:
+        raise PolicyRejected("malformed_payload", "blueprint_candidates metadata is not JSON") from None
+    if candidates != list(config.blueprint_candidates):
+        raise PolicyRejected(
+            "candidate_mismatch", f"payload candidates {candidates} != {list(config.blueprint_candidates)}"
+        )
+
+
+def load_policy(config: PolicyConfig, payload: bytes) -> tuple[TamiyoPolicy, dict[str, str]]:
+    """The policy a payload holds, with its metadata; :class:`PolicyRejected` unless it fits ``config``.
+
+    The header is checked before anything is decoded: layout (keys, shapes,
+    dtypes) and recorded candidates, then the arrays must be finite.
+    """
+    try:
+        header = read_header(payload)
+        check_layout(config, layout(header))
+        _check_candidates(config, header.metadata)
+        return TamiyoPolicy(config, decode_tensors(payload)), header.metadata
+    except (PayloadError, WeightsMismatch) as exc:
+        raise PolicyRejected(exc.reason, exc.detail) from None
 
 
 class TamiyoPolicyRegistry:
@@ -142,9 +164,10 @@ class TamiyoPolicyRegistry:
         policy_id: str = "tamiyo-default",
         clock: Callable[[], float] = time.time,
         keep_files: int = 3,
+        max_version_step: int = MAX_VERSION_STEP,
     ) -> None:
         self._policy = policy if policy is not None else TamiyoPolicy()
-        self._policy.eval()
+        self._max_step = max(1, max_version_step)
         self._policy_dir = policy_dir
         self._version = version
         self._policy_id = policy_id
@@ -197,16 +220,14 @@ class TamiyoPolicyRegistry:
                 claimed = policy_version_of(update)
                 if claimed <= self._version:
                     raise PolicyRejected("stale_version", f"version {claimed} <= current {self._version}")
+                if claimed - self._version > self._max_step:
+                    raise PolicyRejected(
+                        "version_jump",
+                        f"version {claimed} is more than {self._max_step} past current {self._version}",
+                    )
                 if max_age_s is not None:
                     self._check_freshness(update, max_age_s)
-                try:
-                    tensors, metadata = decode_payload(update.payload)
-                except PayloadError as exc:
-                    raise PolicyRejected(exc.reason, exc.detail) from None
-                validate_tensors(self._policy, tensors, metadata)
-                candidate = TamiyoPolicy(self._policy.config)
-                candidate.load_state_dict(tensors, strict=True)
-                candidate.eval()
+                candidate, _ = load_policy(self._policy.config, update.payload)
                 policy_id = update.policy_id or self._policy_id
                 try:
                     self._persist(candidate, claimed, policy_id, update.training_run_id)
@@ -258,6 +279,7 @@ class TamiyoPolicyRegistry:
     def resume(self) -> bool:
         """Load the newest valid persisted policy newer than the current one.
 
+        Only accepted updates are persisted, so a file's version is trusted.
         Files that fail validation (corrupt, wrong architecture) are logged
         and skipped, never deleted, so an operator can inspect them.
         """
@@ -266,14 +288,10 @@ class TamiyoPolicyRegistry:
                 if version <= self._version:
                     break
                 try:
-                    tensors, metadata = decode_payload(path.read_bytes())
-                    validate_tensors(self._policy, tensors, metadata)
-                except (OSError, PayloadError, PolicyRejected) as exc:
+                    policy, metadata = load_policy(self._policy.config, path.read_bytes())
+                except (OSError, PolicyRejected) as exc:
                     _LOG.warning("tamiyo.policy_file_skipped", path=str(path), error=str(exc))
                     continue
-                policy = TamiyoPolicy(self._policy.config)
-                policy.load_state_dict(tensors, strict=True)
-                policy.eval()
                 self._policy = policy
                 self._version = version
                 self._policy_id = metadata.get(META_POLICY_ID) or self._policy_id

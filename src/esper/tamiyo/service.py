@@ -38,9 +38,8 @@ from collections import Counter, OrderedDict
 from esper.core import get_logger
 from esper.core.worker import WorkerContext, run_children
 from esper.leyline import leyline_pb2
-from esper.oona import OonaClient, OonaMessage, PublishResult, RejectMessage, Reply, Subscription
+from esper.oona import OonaClient, OonaMessage, RejectMessage, Reply, Subscription
 from esper.tamiyo.controller import TamiyoController
-from esper.tamiyo.simic import SimicRun
 
 _LOG = get_logger(__name__)
 _STATE = leyline_pb2.BUS_MESSAGE_TYPE_SYSTEM_STATE
@@ -162,24 +161,3 @@ class TamiyoService:
     def count(self, name: str) -> int:
         """One raw counter, e.g. ``"commands"`` or ``"policy_updates_rejected.stale_version"``."""
         return self._counts[name]
-
-
-async def publish_simic_update(client: OonaClient, run: SimicRun) -> PublishResult:
-    """Put Simic's validated PolicyUpdate on ``oona.policy`` (signed by the client's key).
-
-    Raises ``ValueError`` when the run produced no update (training did not
-    pass validation); a refused publish comes back as a ``PublishResult``.
-    """
-    if run.update is None:
-        raise ValueError(f"Simic produced no policy update ({run.result.reason})")
-    result = await client.publish_policy_update(run.update)
-    if result.ok:
-        _LOG.info(
-            "simic.policy_update_published",
-            version=run.update.tamiyo_policy_version,
-            policy_id=run.update.policy_id,
-            entry_id=result.entry_id,
-        )
-    else:
-        _LOG.warning("simic.policy_update_refused", reason=result.reason)
-    return result

@@ -36,6 +36,7 @@ from esper.leyline import leyline_pb2
 from esper.tezzeret.kernels import build_kernel, family_for
 from esper.urza import artifact as fmt
 from esper.urza.families import dtype_of
+from esper.urza.modules import serialize
 from esper.urza.records import percentile
 
 P = ParamSpec("P")
@@ -140,7 +141,7 @@ class TezzeretCompiler:
         started = time.perf_counter()
         family, args = family_for(blueprint_id, params)
         module = build_kernel(blueprint_id, params, d, dtype)
-        blob, manifest = fmt.serialize(
+        blob, manifest = serialize(
             module,
             blueprint_id=blueprint_id,
             family=family,

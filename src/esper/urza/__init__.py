@@ -1,14 +1,26 @@
-"""Urza: the kernel library (SQL catalogue, verified code-free artifacts, kernel runtime)."""
+"""Urza: the kernel library (SQL catalogue, verified code-free artifacts, kernel runtime).
+
+Importing the package does not import torch: the catalogue, verification
+(:meth:`UrzaLibrary.verify_artifact` and its async twin), maintenance and the
+artifact format are plain Python, which is all the control plane needs.
+The names that build or load modules - :data:`FAMILIES`,
+:func:`build_family`, :class:`UrzaRuntime`, :func:`load_bytes`,
+:func:`serialize` - are loaded from their torch-backed modules on first
+use, as are ``UrzaLibrary.load`` / ``save`` when called.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from esper.urza.artifact import (
     FORMAT,
     Manifest,
     artifact_ref,
     compute_guard_digest,
-    load_bytes,
     parse_manifest,
     ref_to_relative,
-    serialize,
     write_atomic,
 )
 from esper.urza.catalog import normalize_database_url
@@ -21,10 +33,36 @@ from esper.urza.errors import (
     MissingArtifact,
     UrzaError,
 )
-from esper.urza.families import FAMILIES, build_family
 from esper.urza.library import UrzaLibrary
 from esper.urza.records import ArtifactInfo, MaintenanceReport, UrzaRecord, percentile
-from esper.urza.runtime import UrzaRuntime
+
+if TYPE_CHECKING:
+    from esper.urza.families import FAMILIES, build_family
+    from esper.urza.modules import load_bytes, serialize
+    from esper.urza.runtime import UrzaRuntime
+
+#: Public names that need torch, and the module each lives in.
+_TORCH_BACKED = {
+    "FAMILIES": "esper.urza.families",
+    "build_family": "esper.urza.families",
+    "load_bytes": "esper.urza.modules",
+    "serialize": "esper.urza.modules",
+    "UrzaRuntime": "esper.urza.runtime",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _TORCH_BACKED.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "FAMILIES",

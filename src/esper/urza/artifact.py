@@ -27,10 +27,14 @@ resolvable by any process sharing the artifact directory; a relative path
   "input_shape": ["batch", d], "output_shape": ["batch", d]}, "torch_version"}``.
   Loading recomputes it from the manifest and compares.
 
-Loading never unpickles: the module is rebuilt from its family
-(:mod:`esper.urza.families`) and the tensors are copied in with
-``load_state_dict(strict=True)`` after their names, shapes and dtypes were
-checked against the family.
+Verification needs no tensor library (:func:`verify_contents`, used by the
+control plane, which runs without torch): checksum, manifest, guard digest,
+a well-formed safetensors header (:mod:`esper.core.safetensors_header`) whose
+tensors carry the manifest's dtype, and the hash of the data section.
+Loading (:mod:`esper.urza.modules`, torch) never unpickles: the module is
+rebuilt from its family (:mod:`esper.urza.families`) and the tensors are
+copied in with ``load_state_dict(strict=True)`` after their names, shapes
+and dtypes were checked against the family.
 
 Writes are atomic: temp file in the same directory, ``fsync``, ``os.replace``,
 ``fsync`` of the directory (:mod:`esper.core.files`).
@@ -47,20 +51,47 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
-from torch import nn
-
 from esper.core import files
+from esper.core.safetensors_header import HeaderError, SafetensorsHeader, parse_header
 from esper.urza.errors import ChecksumMismatch, CorruptArtifact, GuardMismatch, InvalidArtifactRef
-from esper.urza.families import DTYPES, FAMILIES, construct, family_args_ok
 
 FORMAT = "esper-kernel/1"
 SUFFIX = ".safetensors"
 REF_SCHEME = "urza://"
 TEMP_PREFIX = ".tmp-"
 MAX_HEADER_BYTES = 16 * 1024 * 1024
+#: Manifest dtype -> the safetensors dtype its floating tensors carry.
+DTYPE_CODES: dict[str, str] = {"float32": "F32", "float64": "F64", "float16": "F16", "bfloat16": "BF16"}
+#: Integer buffers (BatchNorm's ``num_batches_tracked``) keep their own dtype.
+_INTEGER_CODES = frozenset({"I64"})
+#: The kernel families an artifact may name (:data:`esper.urza.families.FAMILIES` builds them).
+FAMILY_NAMES: frozenset[str] = frozenset(
+    {
+        "identity",
+        "linear",
+        "layer_norm",
+        "activation",
+        "dropout",
+        "batch_norm",
+        "max_pool",
+        "skip_linear",
+        "residual_mlp",
+        "shared_resid",
+        "concat",
+        "layer_scale",
+        "grouped",
+        "highway",
+        "conv1d",
+        "squeeze_exc",
+        "attention",
+        "transformer",
+        "gated_ff",
+        "moe",
+        "adapt_pool",
+        "positional",
+        "memory",
+    }
+)
 _ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _HEX16_RE = re.compile(r"^[0-9a-f]{16}$")
 
@@ -80,7 +111,15 @@ def compute_guard_digest(
     dtype: str,
     torch_version: str | None = None,
 ) -> str:
-    """SHA-256 over the canonical JSON of the kernel's identity and interface."""
+    """SHA-256 over the canonical JSON of the kernel's identity and interface.
+
+    ``torch_version`` defaults to the running torch's version (importing
+    torch); verification always passes the manifest's.
+    """
+    if torch_version is None:
+        import torch
+
+        torch_version = torch.__version__
     payload = {
         "blueprint_id": blueprint_id,
         "parameters": {k: float(v) for k, v in parameters.items()},
@@ -90,7 +129,7 @@ def compute_guard_digest(
             "input_shape": ["batch", int(d)],
             "output_shape": ["batch", int(d)],
         },
-        "torch_version": torch_version if torch_version is not None else torch.__version__,
+        "torch_version": torch_version,
     }
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
 
@@ -173,41 +212,10 @@ def write_atomic(path: Path, data: bytes) -> None:
     files.write_atomic(path, data, temp_prefix=TEMP_PREFIX)
 
 
-def _data_section(blob: bytes) -> bytes:
+def data_section(blob: bytes) -> bytes:
+    """The raw tensor bytes after the header (what ``tensors_sha256`` covers)."""
     n = int.from_bytes(blob[:8], "little")
     return blob[8 + n :]
-
-
-def serialize(
-    module: nn.Module,
-    *,
-    blueprint_id: str,
-    family: str,
-    family_args: Mapping[str, int | float | str],
-    parameters: Mapping[str, float],
-    d: int,
-    dtype: str,
-) -> tuple[bytes, Manifest]:
-    """Encode a module's state dict and manifest as ``esper-kernel/1`` bytes."""
-    tensors = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
-    bare = st_save(tensors)
-    torch_version = torch.__version__
-    params = {k: float(v) for k, v in sorted(parameters.items())}
-    manifest = Manifest(
-        blueprint_id=blueprint_id,
-        family=family,
-        family_args=dict(family_args),
-        parameters=params,
-        d=int(d),
-        dtype=dtype,
-        torch_version=torch_version,
-        guard_digest=compute_guard_digest(blueprint_id, params, d, dtype, torch_version),
-        tensors_sha256=sha256_hex(_data_section(bare)),
-    )
-    blob = st_save(tensors, metadata={"esper_manifest": manifest.to_json()})
-    if _data_section(blob) != _data_section(bare):  # pragma: no cover - safetensors layout guarantee
-        raise RuntimeError("safetensors data section changed with metadata")
-    return blob, manifest
 
 
 # -- reading ------------------------------------------------------------------------
@@ -217,17 +225,31 @@ def _num(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def family_args_ok(family: Any, args: Any) -> bool:
+    return (
+        family in FAMILY_NAMES
+        and isinstance(args, dict)
+        and all(isinstance(k, str) and isinstance(v, int | float | str) for k, v in args.items())
+    )
+
+
+def read_header(blob: bytes, *, source: str = "artifact") -> SafetensorsHeader:
+    """The checked safetensors header (:func:`esper.core.safetensors_header.parse_header`)."""
+    try:
+        return parse_header(blob, max_header_bytes=MAX_HEADER_BYTES)
+    except HeaderError as exc:
+        raise CorruptArtifact(f"{source} is not a safetensors file ({exc})") from None
+
+
 def parse_manifest(blob: bytes, *, source: str = "artifact") -> Manifest:
     """Read and validate the manifest from the safetensors header (no tensors are decoded)."""
-    if len(blob) < 8:
-        raise CorruptArtifact(f"{source} is too short to be a safetensors file")
-    n = int.from_bytes(blob[:8], "little")
-    if n < 2 or n > MAX_HEADER_BYTES or 8 + n > len(blob):
-        raise CorruptArtifact(f"{source} is not a safetensors file (bad header length)")
+    return _manifest_of(read_header(blob, source=source), source)
+
+
+def _manifest_of(header: SafetensorsHeader, source: str) -> Manifest:
     try:
-        header = json.loads(blob[8 : 8 + n])
-        raw = json.loads(header["__metadata__"]["esper_manifest"])
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raw = json.loads(header.metadata["esper_manifest"])
+    except (ValueError, KeyError) as exc:
         raise CorruptArtifact(f"{source} has no readable esper manifest ({exc.__class__.__name__})") from None
     problems = []
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
@@ -241,7 +263,7 @@ def parse_manifest(blob: bytes, *, source: str = "artifact") -> Manifest:
         problems.append("parameters")
     if not isinstance(raw.get("d"), int) or isinstance(raw.get("d"), bool) or raw["d"] < 1:
         problems.append("d")
-    if raw.get("dtype") not in DTYPES:
+    if raw.get("dtype") not in DTYPE_CODES:
         problems.append("dtype")
     for key in ("torch_version", "guard_digest", "tensors_sha256"):
         if not isinstance(raw.get(key), str):
@@ -267,80 +289,49 @@ def parse_manifest(blob: bytes, *, source: str = "artifact") -> Manifest:
     return manifest
 
 
-def decode_tensors(blob: bytes, manifest: Manifest, *, source: str = "artifact") -> dict[str, torch.Tensor]:
-    """Decode the tensors (no code runs: safetensors is plain data) after checking the data hash."""
-    if sha256_hex(_data_section(blob)) != manifest.tensors_sha256:
-        raise CorruptArtifact(f"{source} tensor data does not match its manifest")
-    try:
-        return st_load(blob)
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-        raise CorruptArtifact(f"{source} tensors are unreadable: {exc}") from None
-
-
-def build_empty(manifest: Manifest, *, source: str = "artifact") -> nn.Module:
-    """Build the family's module (initial weights are overwritten by the load)."""
-    if manifest.family not in FAMILIES:
-        raise CorruptArtifact(f"{source} names unknown family {manifest.family!r}")
-    try:
-        return construct(manifest.family, manifest.family_args, manifest.d, manifest.dtype)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise CorruptArtifact(f"{source} family arguments are invalid: {exc}") from None
-
-
-def instantiate(
-    manifest: Manifest, tensors: Mapping[str, torch.Tensor], *, source: str = "artifact"
-) -> nn.Module:
-    """A fresh module built from its family, holding private copies of ``tensors``.
-
-    Names, shapes and dtypes are checked against the family before
-    ``load_state_dict(strict=True)`` copies the values in.
-    """
-    module = build_empty(manifest, source=source)
-    expected = module.state_dict()
-    if set(expected) != set(tensors):
-        missing = sorted(set(expected) - set(tensors))
-        extra = sorted(set(tensors) - set(expected))
-        raise CorruptArtifact(
-            f"{source} tensors do not fit family {manifest.family}: missing {missing}, unexpected {extra}"
+def check_checksum(blob: bytes, expected: str, *, source: str, blueprint_id: str | None = None) -> str:
+    """The file's SHA-256; raises ``ChecksumMismatch`` (before any parse) unless it is ``expected``."""
+    actual = sha256_hex(blob)
+    if actual != expected:
+        raise ChecksumMismatch(
+            f"{source}: sha256 {actual[:16]}… != expected {expected[:16]}…", blueprint_id=blueprint_id
         )
-    for key, ref in expected.items():
-        got = tensors[key]
-        if got.shape != ref.shape or got.dtype != ref.dtype:
-            raise CorruptArtifact(
-                f"{source} tensor {key!r} is {tuple(got.shape)}/{got.dtype},"
-                f" family expects {tuple(ref.shape)}/{ref.dtype}"
-            )
-    try:
-        module.load_state_dict(tensors, strict=True)
-    except RuntimeError as exc:  # pragma: no cover - pre-checked above
-        raise CorruptArtifact(f"{source} tensors do not load: {exc}") from None
-    return module
+    return actual
 
 
-def load_bytes(
+def verify_contents(
     blob: bytes,
     *,
-    expected_checksum: str | None = None,
     expected_guard: str | None = None,
-    source: str = "artifact",
     blueprint_id: str | None = None,
-) -> tuple[nn.Module, Manifest]:
-    """Verify and load an artifact from bytes: checksum first, then manifest, guard and tensors."""
-    if expected_checksum is not None:
-        actual = sha256_hex(blob)
-        if actual != expected_checksum:
-            raise ChecksumMismatch(
-                f"{source}: sha256 {actual[:16]}… != expected {expected_checksum[:16]}…",
-                blueprint_id=blueprint_id,
-            )
-    manifest = parse_manifest(blob, source=source)
+    source: str = "artifact",
+) -> Manifest:
+    """Everything short of building the module, without torch; call after the checksum check.
+
+    Checks the header layout, the manifest and its guard digest, the
+    blueprint id and expected guard when given, that every floating tensor
+    has the manifest's dtype, and the data section's hash. Whether the
+    tensors' names and shapes fit the family is checked when a module is
+    built (:func:`esper.urza.modules.instantiate`).
+    """
+    header = read_header(blob, source=source)
+    manifest = _manifest_of(header, source)
     if blueprint_id is not None and manifest.blueprint_id != blueprint_id:
         raise CorruptArtifact(
             f"{source} holds {manifest.blueprint_id}, not {blueprint_id}", blueprint_id=blueprint_id
         )
-    if expected_guard is not None and manifest.guard_digest != expected_guard:
+    if expected_guard and manifest.guard_digest != expected_guard:
         raise GuardMismatch(
             f"{source}: guard digest differs from the expected one", blueprint_id=manifest.blueprint_id
         )
-    tensors = decode_tensors(blob, manifest, source=source)
-    return instantiate(manifest, tensors, source=source), manifest
+    allowed = {DTYPE_CODES[manifest.dtype], *_INTEGER_CODES}
+    odd = sorted(name for name, entry in header.tensors.items() if entry.dtype not in allowed)
+    if odd:
+        raise CorruptArtifact(
+            f"{source} tensors {odd[:5]} are not {manifest.dtype}", blueprint_id=manifest.blueprint_id
+        )
+    if sha256_hex(header.data_section(blob)) != manifest.tensors_sha256:
+        raise CorruptArtifact(
+            f"{source} tensor data does not match its manifest", blueprint_id=manifest.blueprint_id
+        )
+    return manifest

@@ -9,7 +9,8 @@ files are never expired by them.
   never hashed twice; any rewrite changes the stat and forces a re-hash.
 * :class:`KernelCache` is an LRU (optionally with a TTL) of decoded tensors
   keyed by ``(blueprint_id, checksum)``; every load still builds a **new**
-  module from them, so no two callers share a module.
+  module from them, so no two callers share a module. Only processes that
+  load kernels fill it; verification alone (the control plane) never does.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from esper.urza import artifact as fmt
+
+if TYPE_CHECKING:
+    import torch
 
 StatKey = tuple[int, int, int]
 

@@ -55,11 +55,12 @@ import hashlib
 import json
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from esper.urza import artifact as fmt
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -392,6 +393,9 @@ FAMILIES: dict[str, Callable[..., nn.Module]] = {
     "positional": Positional,
     "memory": Memory,
 }
+# The torch-free format (verification in the control plane) names the same families and dtypes.
+if set(FAMILIES) != fmt.FAMILY_NAMES or set(DTYPES) != set(fmt.DTYPE_CODES):
+    raise RuntimeError("esper.urza.artifact FAMILY_NAMES / DTYPE_CODES disagree with the families")
 
 
 def family_seed(family: str, args: FamilyArgs, d: int) -> int:
@@ -416,11 +420,3 @@ def build_family(family: str, args: FamilyArgs, d: int, dtype: str = "float32") 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(family_seed(family, args, d))
         return construct(family, args, d, dtype)
-
-
-def family_args_ok(family: str, args: Any) -> bool:
-    return (
-        family in FAMILIES
-        and isinstance(args, dict)
-        and all(isinstance(k, str) and isinstance(v, int | float | str) for k, v in args.items())
-    )

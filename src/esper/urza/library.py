@@ -23,8 +23,11 @@ Integrity
 ---------
 The SHA-256 of each artifact is recorded at save and checked before any
 parse on load (``ChecksumMismatch``; nothing is loaded). :meth:`verify_artifact`
-remembers verified files by (path, size, mtime_ns, inode) and never re-hashes
-an unchanged file.
+checks checksum, manifest, guard digest and header without torch (what the
+control plane does), remembers verified files by (path, size, mtime_ns,
+inode) and never re-hashes an unchanged file. ``save`` and the ``load``
+methods also build the module (torch, imported only by them), so a saved
+artifact is known to load and a loaded one to fit its family.
 
 Caching
 -------
@@ -42,13 +45,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from prometheus_client import CollectorRegistry
 from sqlalchemy import delete, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
-from torch import nn
 
 from esper.core.logs import get_logger
 from esper.leyline import leyline_pb2
@@ -67,6 +69,9 @@ from esper.urza.loader import ArtifactLoader
 from esper.urza.maintenance import sweep
 from esper.urza.metrics import LibraryMetrics
 from esper.urza.records import ArtifactInfo, MaintenanceReport, UrzaRecord
+
+if TYPE_CHECKING:
+    from torch import nn
 
 log = get_logger(__name__)
 
@@ -220,7 +225,7 @@ class UrzaLibrary:
 
         The artifact is fully verified before anything is written (checksum
         against ``catalog_update.checksum`` when given, manifest, guard,
-        tensors against the family).
+        tensors loaded into their family's module, which needs torch).
         """
         bid = descriptor.blueprint_id
         src = Path(artifact_path)
@@ -234,8 +239,10 @@ class UrzaLibrary:
                 ChecksumMismatch(f"{src} does not match the catalog update", blueprint_id=bid)
             )
         expected_guard = catalog_update.guard_digest if catalog_update is not None else ""
+        from esper.urza.modules import load_bytes  # torch: a save proves the kernel loads
+
         try:
-            module, manifest = fmt.load_bytes(
+            module, manifest = load_bytes(
                 blob, expected_guard=expected_guard or None, source=str(src), blueprint_id=bid
             )
         except UrzaError as exc:
@@ -308,7 +315,7 @@ class UrzaLibrary:
     # -- verification (prefetch path) ------------------------------------------------------
 
     def verify_artifact(self, blueprint_id: str) -> ArtifactInfo:
-        """Check the catalogued artifact and describe it for KernelArtifactReady.
+        """Check the catalogued artifact (without torch) and describe it for KernelArtifactReady.
 
         An unchanged file (same path, size, mtime_ns and inode as when it was
         last verified) is never hashed again. Raises ``MissingArtifact``,

@@ -1,25 +1,32 @@
-"""From artifact file to verified, freshly built module - hashing only when needed.
+"""From artifact file to verified file or freshly built module - hashing only when needed.
 
-Every load checks the file's SHA-256 against the catalogued checksum before
-any parse, then the manifest's blueprint id and guard digest, then builds the
-module from its family. Two memos (:mod:`esper.urza.caches`) make repeat
-work cheap without weakening that: decoded tensors are reused only under the
-same ``(blueprint_id, checksum)``, and a file is skipped only while its stat
-is unchanged since it was verified.
+Every check hashes the file and compares it with the catalogued checksum
+before any parse, then verifies the contents without torch
+(:func:`esper.urza.artifact.verify_contents`: manifest, blueprint id, guard
+digest, header layout, data hash). :meth:`ArtifactLoader.verify_file` stops
+there - that is all the control plane does. :meth:`ArtifactLoader.module`
+goes on to build the module from its family (:mod:`esper.urza.modules`,
+imported only then, so verifying never imports torch).
+
+Two memos (:mod:`esper.urza.caches`) make repeat work cheap without
+weakening that: decoded tensors are reused only under the same
+``(blueprint_id, checksum)``, and a file is skipped only while its stat is
+unchanged since it was verified.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import BinaryIO
-
-from torch import nn
+from typing import TYPE_CHECKING, BinaryIO
 
 from esper.urza import artifact as fmt
 from esper.urza.caches import KernelCache, VerifiedFiles, stat_key
-from esper.urza.errors import ArtifactNotFound, ChecksumMismatch, CorruptArtifact, GuardMismatch
+from esper.urza.errors import ArtifactNotFound, ChecksumMismatch, GuardMismatch
 from esper.urza.metrics import LibraryMetrics
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def _check_guard(manifest: fmt.Manifest, guard: str | None, bid: str, source: str) -> None:
@@ -35,7 +42,7 @@ def _open_artifact(path: Path, source: str, bid: str) -> BinaryIO:
 
 
 class ArtifactLoader:
-    """Verifies and builds kernels from files, sharing the library's caches and counters.
+    """Verifies files and builds kernels from them, sharing the library's caches and counters.
 
     ``source`` in every call is how the artifact is named in error messages
     (the catalogued relative path or the reference a caller sent).
@@ -52,42 +59,39 @@ class ArtifactLoader:
         return fmt.sha256_hex(blob)
 
     def verify_file(self, path: Path, checksum: str, guard: str | None, bid: str, source: str) -> None:
-        """Fully check ``path`` unless it is unchanged since it was last verified."""
+        """Check ``path`` (without torch) unless it is unchanged since it was last verified."""
         with _open_artifact(path, source, bid) as fh:
             key = stat_key(os.fstat(fh.fileno()))
             if self._verified.is_verified(str(path), key, checksum):
                 return
             blob = fh.read()
-        self._build(blob, checksum, guard, bid, source)
+        self._verify(blob, checksum, guard, bid, source)
         self._verified.remember(str(path), key, checksum)
 
     def module(self, bid: str, checksum: str, guard: str | None, path: Path, source: str) -> nn.Module:
         """A new module for ``(bid, checksum)``: from the tensor cache, else from the verified file."""
+        from esper.urza import modules
+
         entry = self._cache.get((bid, checksum))
         if entry is not None:
             _check_guard(entry.manifest, guard, bid, source)
             self._metrics.lookup(hit=True)
-            return fmt.instantiate(entry.manifest, entry.tensors, source=source)
+            return modules.instantiate(entry.manifest, entry.tensors, source=source)
         self._metrics.lookup(hit=False)
         with _open_artifact(path, source, bid) as fh:
             key = stat_key(os.fstat(fh.fileno()))
             blob = fh.read()
-        module = self._build(blob, checksum, guard, bid, source)
+        manifest = self._verify(blob, checksum, guard, bid, source)
+        tensors = modules.decode_tensors(blob, source=source)
+        module = modules.instantiate(manifest, tensors, source=source)  # names/shapes/dtypes fit the family
+        self._cache.put((bid, checksum), manifest, tensors)  # the module holds its own copies
         self._verified.remember(str(path), key, checksum)
         return module
 
-    def _build(self, blob: bytes, checksum: str, guard: str | None, bid: str, source: str) -> nn.Module:
-        """Hash, parse, decode and build; caches the verified tensors under (bid, checksum)."""
+    def _verify(self, blob: bytes, checksum: str, guard: str | None, bid: str, source: str) -> fmt.Manifest:
         actual = self.hash(blob)
         if actual != checksum:
             raise ChecksumMismatch(
                 f"{source}: sha256 {actual[:16]}… != recorded {checksum[:16]}…", blueprint_id=bid
             )
-        manifest = fmt.parse_manifest(blob, source=source)
-        if manifest.blueprint_id != bid:
-            raise CorruptArtifact(f"{source} holds {manifest.blueprint_id}, not {bid}", blueprint_id=bid)
-        _check_guard(manifest, guard, bid, source)
-        tensors = fmt.decode_tensors(blob, manifest, source=source)
-        module = fmt.instantiate(manifest, tensors, source=source)  # names/shapes/dtypes fit the family
-        self._cache.put((bid, checksum), manifest, tensors)  # the module holds its own copies
-        return module
+        return fmt.verify_contents(blob, expected_guard=guard, blueprint_id=bid, source=source)

@@ -29,6 +29,7 @@ from esper.tamiyo.field_reports import FieldReportStore
 from esper.tamiyo.policy import TamiyoPolicy
 from esper.tamiyo.registry import TamiyoPolicyRegistry, encode_policy
 from esper.tamiyo.simic.dataset import TrainingSet, build_training_set
+from esper.tamiyo.simic.network import PolicyNetwork
 
 _LOG = get_logger(__name__)
 _EPS = 1e-6
@@ -44,6 +45,7 @@ class SimicConfig:
 
 @dataclass(frozen=True)
 class TrainingResult:
+    #: The fitted policy; the starting policy when training produced non-finite weights.
     policy: TamiyoPolicy
     initial_loss: float
     final_loss: float
@@ -61,9 +63,9 @@ def _taken_loss(logits: torch.Tensor, taken: torch.Tensor, rewards: torch.Tensor
     return (positive + negative).sum()
 
 
-def objective(policy: TamiyoPolicy, data: TrainingSet) -> torch.Tensor:
+def objective(network: PolicyNetwork, data: TrainingSet) -> torch.Tensor:
     """Mean reward-weighted loss over the action head and, where taken, the blueprint head."""
-    action_logits, blueprint_logits, _ = policy(data.features)
+    action_logits, blueprint_logits, _ = network(data.features)
     total = _taken_loss(action_logits, data.actions, data.rewards)
     mask = data.blueprints >= 0
     if bool(mask.any()):
@@ -72,13 +74,13 @@ def objective(policy: TamiyoPolicy, data: TrainingSet) -> torch.Tensor:
 
 
 def fit_policy(policy: TamiyoPolicy, data: TrainingSet, config: SimicConfig | None = None) -> TrainingResult:
-    """Train a *copy* of ``policy`` on ``data``; the original is never modified."""
+    """Train a torch copy of ``policy`` on ``data`` (policies are immutable; ``policy`` stays as it is)."""
     cfg = config or SimicConfig()
-    student = policy.clone()
     if len(data) < cfg.min_samples or not bool((data.rewards != 0).any()):
         return TrainingResult(
-            student, math.nan, math.nan, len(data), data.skipped, False, "no_training_signal"
+            policy, math.nan, math.nan, len(data), data.skipped, False, "no_training_signal"
         )
+    student = PolicyNetwork(policy)
     optimizer = torch.optim.Adam(student.parameters(), lr=cfg.learning_rate)
     student.train()
     with torch.no_grad():
@@ -95,7 +97,8 @@ def fit_policy(policy: TamiyoPolicy, data: TrainingSet, config: SimicConfig | No
     passed = finite and final < initial
     reason = "ok" if passed else ("non_finite" if not finite else "loss_not_decreased")
     _LOG.info("simic.fit", samples=len(data), initial_loss=initial, final_loss=final, passed=passed)
-    return TrainingResult(student, initial, final, len(data), data.skipped, passed, reason)
+    fitted = student.to_policy() if finite else policy
+    return TrainingResult(fitted, initial, final, len(data), data.skipped, passed, reason)
 
 
 def create_policy_update(
