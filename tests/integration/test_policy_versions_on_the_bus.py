@@ -60,4 +60,4 @@ async def test_bad_versions_are_dead_lettered_and_the_next_good_update_applies(
     assert service.count("policy_updates_rejected.version_jump") == 1
     assert service.count("policy_updates_accepted") == 1
     assert tamiyo.metrics_snapshot().get("retries.oona.policy", 0) == 0
-    assert (await redis_client.xpending("oona.policy", "tamiyo"))["pending"] == 0
+    assert (await redis_client.xpending("oona.policy", "tamiyo-policy.tamiyo-1"))["pending"] == 0
