@@ -28,19 +28,20 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from esper.core.redis_server import RedisServer
 from esper.core.settings import EsperSettings
+from esper.core.worker import WorkerContext
 from esper.leyline import leyline_pb2 as L
 from esper.oona import OonaClient, StreamConfig
 from esper.oona.envelope import signed_fields
 from esper.security import KeyRing
 from esper.weatherlight.service import WeatherlightService
-from esper.weatherlight.supervisor import BackoffPolicy, ShutdownResult, WorkerContext, WorkerSpec
+from esper.weatherlight.supervisor import BackoffPolicy, ShutdownResult, WorkerSpec
 
 SECRET = "test-secret-for-esper-lite-0123456789"
 LIMIT_S = 20.0  # generous: the machine may be shared; every wait ends as soon as its condition holds
 #: The documented boot order with an external Redis (see the service.py docstring).
 BOOT_ORDER = [
     "http",
-    "oona_groups",
+    "oona",
     "urza_library",
     "urza_prefetch",
     "kasmina",
@@ -49,7 +50,6 @@ BOOT_ORDER = [
     "telemetry",
     "housekeeping",
 ]
-ONE_SHOT = {"oona_groups", "urza_library"}
 REQUESTS = "oona.kernels.requests"
 
 
@@ -195,7 +195,7 @@ class RecordingService(WeatherlightService):
         self.boot_log: list[tuple[str, list[str]]] = []
 
     def specs(self) -> list[WorkerSpec]:
-        return [replace(spec, factory=self._recorded(spec)) for spec in super().specs()]
+        return [replace(spec, run=self._recorded(spec)) for spec in super().specs()]
 
     def _recorded(self, spec: WorkerSpec) -> Callable[[WorkerContext], Awaitable[None]]:
         async def body(ctx: WorkerContext) -> None:
@@ -206,7 +206,7 @@ class RecordingService(WeatherlightService):
                     if w["status"] in ("running", "stopped") and w["name"] != spec.name
                 ]
                 self.boot_log.append((spec.name, up))
-            await spec.factory(ctx)
+            await spec.run(ctx)
 
         return body
 
@@ -228,16 +228,16 @@ async def test_boots_in_documented_order_serves_probes_and_stops_cleanly(
         assert (await http_get(port, "/livez"))[0] == 200
         code, body = await http_get(port, "/readyz?verbose")
         assert code == 200, body
-        for check in ("workers", "redis", "catalog"):
+        for check in ("workers", "redis", "catalog", "bus"):
             assert f"[+]{check} ok" in body
 
         status = await status_of(service)
         assert [w["name"] for w in status["workers"]] == BOOT_ORDER
         for w in status["workers"]:
-            assert w["status"] == ("stopped" if w["name"] in ONE_SHOT else "running"), w
+            assert w["status"] == "running", w
             assert w["restarts"] == 0
-        assert status["ready"] is True
-        assert status["healthy"] is True
+        assert status["health"]["status"] == "HEALTHY", status["health"]
+        assert status["health"]["ready"] is True
         assert status["redis"] == "external"
 
         # The groups step really created the consumer groups on the real server.
@@ -295,7 +295,7 @@ class FlakyPrefetchService(WeatherlightService):
         self.attempts = 0
 
     def specs(self) -> list[WorkerSpec]:
-        return [replace(s, factory=self._flaky) if s.name == "urza_prefetch" else s for s in super().specs()]
+        return [replace(s, run=self._flaky) if s.name == "urza_prefetch" else s for s in super().specs()]
 
     async def _flaky(self, ctx: WorkerContext) -> None:
         self.attempts += 1
@@ -347,7 +347,7 @@ async def test_crashed_worker_restarts_with_backoff_and_health_recovers(
         assert service.supervisor.delays("urza_prefetch") == pytest.approx([0.2, 0.4, 0.8])
         final = worker_view(await status_of(service), "urza_prefetch")
         assert final["backoff_seconds"] == 0.0
-        assert "injected" in (final["last_error"] or "")
+        assert "injected" in final["last_error"]["message"]
         assert service.attempts == 4
         # No other worker was disturbed.
         others = [w for w in (await status_of(service))["workers"] if w["name"] != "urza_prefetch"]
@@ -398,6 +398,7 @@ class DoomedService(WeatherlightService):
 
     async def _doomed(self, ctx: WorkerContext) -> None:
         self.doomed_attempts += 1
+        ctx.started()
         await asyncio.sleep(0.05)
         raise RuntimeError("injected: doomed worker cannot run")
 
@@ -416,7 +417,7 @@ async def test_restart_intensity_breach_of_required_worker_ends_service_non_zero
     assert service.supervisor.delays("doomed") == pytest.approx([0.05, 0.1])
     doomed = service.supervisor.worker("doomed")
     assert doomed["status"] == "failed"
-    assert "injected" in (doomed["last_error"] or "")
+    assert "injected" in doomed["last_error"]["message"]
     # The other workers were drained, not left running.
     assert all(
         w["status"] == "stopped" for w in service.supervisor.snapshot()["workers"] if w["name"] != "doomed"
@@ -438,7 +439,7 @@ class HungService(WeatherlightService):
 
     async def _stuck(self, ctx: WorkerContext) -> None:
         self.attempts += 1
-        ctx.heartbeat()
+        ctx.started()
         if self.attempts == 1:
             self.hung_at = time.monotonic()
             try:
@@ -447,12 +448,8 @@ class HungService(WeatherlightService):
                 self.first_cancelled = True
                 raise
         self.alive.set()
-        while not ctx.stopping.is_set():
-            ctx.heartbeat()
-            try:
-                await asyncio.wait_for(ctx.stopping.wait(), 0.05)
-            except TimeoutError:
-                continue
+        while not await ctx.wait_stopping(0.05):
+            ctx.progress()
 
 
 async def test_watchdog_restarts_a_hung_worker(tmp_path: Path, redis_url: str) -> None:
@@ -466,7 +463,7 @@ async def test_watchdog_restarts_a_hung_worker(tmp_path: Path, redis_url: str) -
         view = worker_view(await status_of(service), "stuck")
         assert view["restarts"] == 1
         assert view["status"] == "running"
-        assert "watchdog timeout" in (view["last_error"] or "")
+        assert view["last_error"]["type"] == "WatchdogTimeout"
         # A heartbeating attempt is left alone for well over its timeout.
         await asyncio.sleep(0.9)
         status = await status_of(service)
@@ -487,6 +484,7 @@ class DeafService(WeatherlightService):
         return [*super().specs(), WorkerSpec("deaf", self._deaf, grace_s=10.0)]
 
     async def _deaf(self, ctx: WorkerContext) -> None:
+        ctx.started()
         while not self.release.is_set():
             try:
                 await self.release.wait()
@@ -520,7 +518,10 @@ async def test_readyz_is_503_while_redis_is_down_and_200_after_it_returns(
     tmp_path: Path, redis_server_factory: Callable[..., RedisServer]
 ) -> None:
     server = redis_server_factory(append_only=True)
-    service = WeatherlightService(make_settings(tmp_path, server.url))
+    # A short breaker window: after the outage the publish paths are probed again within a second.
+    service = WeatherlightService(
+        make_settings(tmp_path, server.url), bus_overrides={"breaker_timeout_ms": 1000}
+    )
     async with serving(service):
         port = service.http.port
         assert (await http_get(port, "/readyz"))[0] == 200

@@ -1,11 +1,12 @@
 """Weatherlight: the service that composes and supervises Esper-Lite's workers.
 
-Only the reusable supervision parts live here so far; they depend on nothing
-above ``esper.core`` so they can be tested alone and reused.
+The supervision parts (supervisor, periodic loop, systemd notifier) depend on
+nothing above ``esper.core``; ``service`` composes the control plane and
+``health`` holds its one notion of health. Importing this package stays
+light: the service module (and everything it pulls in) loads only when used.
 """
 
-from esper.core.http_server import HealthServer, ReadinessCheck
-from esper.weatherlight.embedded_redis import EmbeddedRedis, EmbeddedRedisExited
+from esper.weatherlight.periodic import run_every
 from esper.weatherlight.sdnotify import SdNotifier
 from esper.weatherlight.supervisor import (
     BackoffPolicy,
@@ -13,7 +14,7 @@ from esper.weatherlight.supervisor import (
     RestartPolicy,
     ShutdownResult,
     Supervisor,
-    WorkerContext,
+    WatchdogTimeout,
     WorkerSpec,
     WorkerStatus,
 )
@@ -21,15 +22,12 @@ from esper.weatherlight.supervisor import (
 __all__ = [
     "BackoffPolicy",
     "BootError",
-    "EmbeddedRedis",
-    "EmbeddedRedisExited",
-    "HealthServer",
-    "ReadinessCheck",
     "RestartPolicy",
     "SdNotifier",
     "ShutdownResult",
     "Supervisor",
-    "WorkerContext",
+    "WatchdogTimeout",
     "WorkerSpec",
     "WorkerStatus",
+    "run_every",
 ]
