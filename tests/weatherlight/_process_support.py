@@ -116,8 +116,9 @@ def run_cli(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedP
 
 
 def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (an exited process not yet reaped by its new parent does not)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
-    return True
+    return stat.rsplit(") ", 1)[1][0] != "Z"
