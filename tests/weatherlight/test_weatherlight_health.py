@@ -125,8 +125,8 @@ class WedgingWarmer(KernelWarmer):
 
 class WedgeService(WeatherlightService):
     def specs(self) -> list[WorkerSpec]:
-        # Consumers block for 1 s when idle, so 3 s of silence can only be a wedge.
-        return [replace(s, heartbeat_timeout_s=3.0) if s.name == "kasmina" else s for s in super().specs()]
+        # Consumers block for 1 s when idle, so 4 s of silence can only be a wedge.
+        return [replace(s, heartbeat_timeout_s=4.0) if s.name == "kasmina" else s for s in super().specs()]
 
     def _warmer(self, client: OonaClient, library: UrzaLibrary) -> KernelWarmer:
         WedgingWarmer.attempts += 1

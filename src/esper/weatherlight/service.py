@@ -467,7 +467,7 @@ class _Counted(Protocol):
     iterations: int
 
 
-_BRIDGE_TICK_S = 0.5
+_BRIDGE_TICK_S = 1.0  # consumers iterate at least once per 1 s block when idle
 
 
 async def _run_legacy(
