@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from esper.core.http_server import HealthServer
 from esper.core.settings import EsperSettings
+from esper.core.worker import running
 
 
 async def request(port: int, raw: bytes) -> tuple[int, dict[str, str], bytes]:
@@ -165,13 +166,30 @@ async def test_idle_connection_times_out_with_400_and_stop_closes_open_ones() ->
 
 async def test_from_settings_binds_configured_host() -> None:
     settings = EsperSettings(weatherlight_http_host="127.0.0.1", weatherlight_http_port=0)
-    stopping = asyncio.Event()
     srv = HealthServer.from_settings(settings, registry=CollectorRegistry())
-    task = asyncio.create_task(srv.serve(stopping))
-    for _ in range(100):
-        if srv.port:
-            break
-        await asyncio.sleep(0.01)
-    assert (await get(srv.port, "/livez"))[0] == 200
-    stopping.set()
-    await asyncio.wait_for(task, 5)
+    async with running(srv.run, "http") as ctx:  # entered once the port is bound (ctx.started)
+        assert ctx.is_started
+        port = srv.port
+        assert port != 0
+        assert (await get(port, "/livez"))[0] == 200
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.open_connection("127.0.0.1", port)
+
+
+async def test_a_provider_reports_several_paths_and_its_failure_under_its_name(server: HealthServer) -> None:
+    async def paths() -> list[tuple[str, bool, str]]:
+        return [("redis", True, "ok"), ("bus", False, "breaker open at redis://:hunter2@h:1/0")]
+
+    async def broken() -> list[tuple[str, bool, str]]:
+        raise RuntimeError("probe crashed")
+
+    server.add_checks("health", paths)
+    status, _, body = await get(server.port, "/readyz?verbose")
+    assert status == 503
+    assert "[+]redis ok" in body.decode()
+    assert "[-]bus failed: breaker open at redis://:***@h:1/0" in body.decode()  # never a password
+    server.add_checks("more", broken)
+    assert (
+        "[-]more failed: RuntimeError: probe crashed"
+        in (await get(server.port, "/readyz?verbose"))[2].decode()
+    )

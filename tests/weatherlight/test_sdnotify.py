@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from esper.core.worker import running
 from esper.weatherlight.sdnotify import SdNotifier
 
 
@@ -71,23 +72,40 @@ def test_watchdog_interval_only_for_this_process() -> None:
     assert SdNotifier({**mine, "WATCHDOG_USEC": "junk"}).watchdog_interval_s is None
 
 
-async def test_watchdog_loop_pets_at_half_interval_and_stops(listener: tuple[socket.socket, str]) -> None:
+async def test_watchdog_worker_pings_through_short_trouble_and_withholds_after_the_interval(
+    listener: tuple[socket.socket, str],
+) -> None:
     sock, path = listener
     sock.setblocking(False)
-    notifier = SdNotifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "100000"})  # 0.1 s
-    stopping = asyncio.Event()
-    healthy = True
-    task = asyncio.create_task(notifier.run_watchdog(stopping, lambda: healthy))
-    await asyncio.sleep(0.22)  # pings at 0, 0.05, 0.10, 0.15, 0.20
-    pings = drain(sock)
-    assert pings >= 3
-    healthy = False
-    await asyncio.sleep(0.12)
-    drain(sock)  # at most one ping in flight when health flipped
-    await asyncio.sleep(0.12)
-    assert drain(sock) == 0  # an unhealthy service lets systemd's watchdog fire
-    stopping.set()
-    await asyncio.wait_for(task, 1)
+    notifier = SdNotifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"})  # 0.2 s: a tick every 0.1 s
+    assert notifier.watchdog_enabled
+    now = [0.0]
+    serving = [True]
+    ticked = asyncio.Event()
+
+    async def is_serving() -> bool:
+        ticked.set()
+        return serving[0]
+
+    async def tick(advance_s: float) -> int:
+        """Advance the worker's clock by one tick and let it run it; the pings it sent."""
+        ticked.clear()
+        now[0] += advance_s
+        await asyncio.wait_for(ticked.wait(), 5)
+        await asyncio.sleep(0)  # the ping follows the health answer in the same step
+        return drain(sock)
+
+    async with running(lambda ctx: notifier.run_watchdog(ctx, is_serving, clock=lambda: now[0]), "wd"):
+        await asyncio.wait_for(ticked.wait(), 5)
+        await asyncio.sleep(0)
+        assert drain(sock) == 1  # serving: pinged
+        serving[0] = False
+        assert await tick(0.1) == 1  # unhealthy for 0.1 s (< 0.2 s): still pinged
+        assert await tick(0.1) == 1  # 0.2 s: still within the interval
+        assert await tick(0.1) == 0  # 0.3 s: withheld, so systemd's watchdog fires
+        assert await tick(0.1) == 0
+        serving[0] = True
+        assert await tick(0.1) == 1  # pings resume as soon as it serves again
 
 
 def drain(sock: socket.socket) -> int:
@@ -101,5 +119,7 @@ def drain(sock: socket.socket) -> int:
         count += 1
 
 
-async def test_watchdog_loop_returns_when_not_requested() -> None:
-    await asyncio.wait_for(SdNotifier({}).run_watchdog(asyncio.Event()), 1)
+def test_notify_socket_without_watchdog_usec_asks_for_no_watchdog(tmp_path: Path) -> None:
+    notifier = SdNotifier({"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
+    assert notifier.enabled
+    assert not notifier.watchdog_enabled

@@ -11,28 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import signal
-import subprocess
 import sys
 import textwrap
-import threading
-import time
-import urllib.error
-import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 import torch
+from _process_support import SECRET, Service, alive, base_env, run_cli
 from torch import nn
 
 from esper import __version__
-from esper.core.redis_server import free_port
+from esper.core.redis_server import embedded_url
 from esper.karn import KarnCatalog
 from esper.kasmina import (
     AlphaSchedule,
@@ -47,117 +41,8 @@ from esper.security import KeyRing, sign_command
 from esper.tezzeret import TezzeretForge
 from esper.urza import UrzaLibrary, UrzaRuntime
 
-SECRET = "test-secret-for-esper-lite-0123456789"
-SCRIPT = str(Path(sys.executable).with_name("esper-weatherlight-service"))
-_INHERITED = ("ESPER_", "OONA_", "URZA_", "TAMIYO_", "WEATHERLIGHT_", "KERNEL_", "ESP_")
 D = 16
 RUN = "run-weatherlight-cli"
-
-
-def base_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    """The caller's environment minus every Esper setting, plus a private layout under ``tmp_path``."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not (k.startswith(_INHERITED) or k == "REDIS_URL") or k.startswith("ESPER_TEST_")
-    }
-    env.update(
-        ESPER_LEYLINE_SECRET=SECRET,
-        ESPER_VAR_DIR=str(tmp_path / "var"),
-        URZA_ARTIFACT_DIR=str(tmp_path / "urza"),
-        URZA_DATABASE_URL=f"sqlite:///{tmp_path / 'urza' / 'catalog.db'}",
-        WEATHERLIGHT_HTTP_PORT=str(free_port()),
-        WEATHERLIGHT_TELEMETRY_INTERVAL_S="0.5",
-    )
-    env.update(extra)
-    return env
-
-
-class Service:
-    """One service process; its merged output is collected by a thread, line by line."""
-
-    def __init__(self, argv: list[str], env: dict[str, str], cwd: Path) -> None:
-        self.port = int(env["WEATHERLIGHT_HTTP_PORT"])
-        self.proc = subprocess.Popen(
-            argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        self.lines: list[str] = []
-        self.first_line = threading.Event()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            self.first_line.set()
-        self.first_line.set()
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2.0) as resp:
-                return int(resp.status), resp.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-
-    def wait_ready(self, limit_s: float = 30.0) -> None:
-        deadline = time.monotonic() + limit_s
-        while True:
-            assert self.proc.poll() is None, f"service exited early:\n{self.output}"
-            try:
-                if self.get("/readyz")[0] == 200:
-                    return
-            except OSError:
-                pass  # not listening yet
-            assert time.monotonic() < deadline, f"not ready within {limit_s}s:\n{self.output}"
-            time.sleep(0.05)
-
-    def terminate_and_wait(self, limit_s: float = 10.0) -> tuple[int, float]:
-        """SIGTERM; (exit code, seconds until the process exited)."""
-        began = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout=limit_s)
-        took = time.monotonic() - began
-        self._reader.join(timeout=5.0)
-        return code, took
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._reader.join(timeout=5.0)
-
-
-@pytest.fixture
-def start_service(tmp_path: Path) -> Iterator[Callable[..., Service]]:
-    started: list[Service] = []
-
-    def start(env: dict[str, str], *args: str, argv: list[str] | None = None) -> Service:
-        service = Service(argv or [SCRIPT, *args], env, tmp_path)
-        started.append(service)
-        return service
-
-    yield start
-    for service in started:
-        service.kill()
-
-
-def run_cli(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [SCRIPT, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=60, check=False
-    )
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 # ----------------------------------------------------------------- configuration
@@ -230,10 +115,12 @@ def test_embedded_server_started_and_stopped_with_the_service(
     assert "[+]redis ok" in body
     status = json.loads(service.get("/status")[1])
     assert status["redis"] == "embedded"
-    assert [w["name"] for w in status["workers"]][:3] == ["http", "redis", "oona_groups"]
+    assert [w["name"] for w in status["workers"]][:3] == ["http", "redis", "oona"]
 
-    port = int((tmp_path / "var" / "redis" / "port").read_text())
-    client = redis.Redis(port=port, socket_connect_timeout=1.0)
+    url = embedded_url(tmp_path / "var")
+    assert url.split("@")[0].split(":")[-1] not in service.output  # the password is never logged
+    assert "redis://:***@127.0.0.1:" in service.output
+    client = redis.Redis.from_url(url, socket_connect_timeout=1.0)
     assert client.ping() is True
     assert client.config_get("appendonly")["appendonly"] == "yes"
     assert client.xinfo_groups("oona.kernels.requests")  # the service's own groups live there
@@ -249,7 +136,7 @@ def test_embedded_server_started_and_stopped_with_the_service(
     assert "Traceback" not in service.output
     assert "embedded redis stopped" in service.output
     assert not alive(child)
-    client = redis.Redis(port=port, socket_connect_timeout=0.5)
+    client = redis.Redis.from_url(url, socket_connect_timeout=0.5)
     with pytest.raises(redis.ConnectionError):
         client.ping()
     client.close()
@@ -269,10 +156,11 @@ _DOOMED = textwrap.dedent(
             return [*super().specs(), WorkerSpec("doomed", self.doomed, max_restarts=2)]
 
         async def doomed(self, ctx):
+            ctx.started()
             await asyncio.sleep(0.05)
             raise RuntimeError("injected: the catalogue replica is gone")
 
-    cli.WeatherlightService = Doomed
+    service.WeatherlightService = Doomed  # what the CLI imports when it runs
     sys.exit(cli.service_main([]))
     """
 )
@@ -290,7 +178,7 @@ def test_intensity_limit_on_a_required_worker_ends_the_process_non_zero(
     assert "restart intensity exceeded" in output
     assert "required worker failed" in output
     assert output.count("injected: the catalogue replica is gone") >= 3
-    assert "Traceback" not in output
+    assert output.count("Traceback (most recent call last)") == 3  # every failure, with its traceback
 
 
 # ----------------------------------------------------------- the bus, end to end

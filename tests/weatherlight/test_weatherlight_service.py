@@ -12,35 +12,45 @@ events where the test owns the worker, otherwise short polls of the probes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from prometheus_client.parser import text_string_to_metric_families
+from _service_support import (
+    LIMIT_S,
+    REQUESTS,
+    SECRET,
+    eventually,
+    http_get,
+    make_settings,
+    metric,
+    prefetch_entry,
+    read_new,
+    reply_ids,
+    serving,
+    status_of,
+    weatherlight_packets,
+    worker_view,
+)
 
 from esper.core.redis_server import RedisServer
 from esper.core.settings import EsperSettings
+from esper.core.worker import WorkerContext
 from esper.leyline import leyline_pb2 as L
 from esper.oona import OonaClient, StreamConfig
-from esper.oona.envelope import signed_fields
 from esper.security import KeyRing
 from esper.weatherlight.service import WeatherlightService
-from esper.weatherlight.supervisor import BackoffPolicy, ShutdownResult, WorkerContext, WorkerSpec
+from esper.weatherlight.supervisor import BackoffPolicy, ShutdownResult, WorkerSpec
 
-SECRET = "test-secret-for-esper-lite-0123456789"
-LIMIT_S = 20.0  # generous: the machine may be shared; every wait ends as soon as its condition holds
 #: The documented boot order with an external Redis (see the service.py docstring).
 BOOT_ORDER = [
     "http",
-    "oona_groups",
+    "oona",
     "urza_library",
     "urza_prefetch",
     "kasmina",
@@ -49,8 +59,6 @@ BOOT_ORDER = [
     "telemetry",
     "housekeeping",
 ]
-ONE_SHOT = {"oona_groups", "urza_library"}
-REQUESTS = "oona.kernels.requests"
 
 
 @pytest.fixture(autouse=True)
@@ -58,130 +66,9 @@ def _isolated(isolated_env: Path) -> None:
     """No ESPER_* variables or .env from the caller leak into the settings under test."""
 
 
-def make_settings(tmp_path: Path, redis_url: str, **overrides: Any) -> EsperSettings:
-    values: dict[str, Any] = {
-        "redis_url": redis_url,
-        "urza_database_url": f"sqlite:///{tmp_path}/c.db",
-        "urza_artifact_dir": tmp_path / "artifacts",
-        "var_dir": tmp_path / "var",
-        "weatherlight_http_port": 0,
-        "weatherlight_telemetry_interval_s": 0.2,
-        "leyline_secret": SECRET,
-    }
-    values.update(overrides)
-    return EsperSettings(**values)
-
-
-async def http_get(port: int, path: str) -> tuple[int, str]:
-    """One GET against the service's probe server: (status, body)."""
-    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5.0)
-    try:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n".encode())
-        await writer.drain()
-        raw = await asyncio.wait_for(reader.read(), 5.0)
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):  # the server closed first; nothing left to flush
-            await writer.wait_closed()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body.decode()
-
-
-async def status_of(service: WeatherlightService) -> dict[str, Any]:
-    code, body = await http_get(service.http.port, "/status")
-    assert code == 200
-    data: dict[str, Any] = json.loads(body)
-    return data
-
-
-def worker_view(status: dict[str, Any], name: str) -> dict[str, Any]:
-    found: dict[str, Any] = next(w for w in status["workers"] if w["name"] == name)
-    return found
-
-
-async def eventually(
-    probe: Callable[[], Awaitable[bool]], what: str, limit_s: float = LIMIT_S, every_s: float = 0.02
-) -> None:
-    """Poll ``probe`` (a real condition, e.g. an HTTP probe) until true, at most ``limit_s``."""
-    deadline = time.monotonic() + limit_s
-    while not await probe():
-        assert time.monotonic() < deadline, f"timed out after {limit_s}s waiting for {what}"
-        await asyncio.sleep(every_s)
-
-
-@asynccontextmanager
-async def serving(service: WeatherlightService) -> AsyncIterator[WeatherlightService]:
-    """Boot the service; stop it afterwards unless the test already did."""
-    await asyncio.wait_for(service.start(), 30.0)
-    try:
-        yield service
-    finally:
-        if service.supervisor.result is None:
-            await service.stop()
-
-
-def metric(prom_text: str, name: str, **labels: str) -> float:
-    """One sample's value from Prometheus text (0.0 when absent)."""
-    for family in text_string_to_metric_families(prom_text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return 0.0
-
-
-def weatherlight_packets(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[L.TelemetryPacket]:
-    packets = []
-    for _eid, fields in entries:
-        envelope = L.BusEnvelope()
-        envelope.ParseFromString(fields[b"payload"])
-        if envelope.message_type != L.BUS_MESSAGE_TYPE_TELEMETRY:
-            continue
-        packet = L.TelemetryPacket()
-        packet.ParseFromString(envelope.payload)
-        if packet.source_subsystem == "weatherlight":
-            packets.append(packet)
-    return packets
-
-
-async def read_new(
-    redis: aioredis.Redis, stream: str, last: str, block_ms: int = 500
-) -> tuple[str, list[tuple[bytes, dict[bytes, bytes]]]]:
-    """Blocking XREAD after ``last``: (new last id, entries)."""
-    reply = await redis.xread({stream: last}, block=block_ms)
-    entries: list[tuple[bytes, dict[bytes, bytes]]] = []
-    for _stream, items in reply or []:
-        for entry_id, fields in items:
-            entries.append((entry_id, fields))
-            last = entry_id.decode()
-    return last, entries
-
-
-async def reply_ids(redis: aioredis.Redis) -> list[str]:
-    """The request ids of every kernel reply (ready and error) on the bus so far."""
-    ids = []
-    for stream, kind in (
-        ("oona.kernels.ready", L.KernelArtifactReady),
-        ("oona.kernels.errors", L.KernelArtifactError),
-    ):
-        for _eid, fields in await redis.xrange(stream):
-            envelope = L.BusEnvelope()
-            envelope.ParseFromString(fields[b"payload"])
-            message = kind()
-            message.ParseFromString(envelope.payload)
-            ids.append(message.request_id)
-    return ids
-
-
-def prefetch_entry(keyring: KeyRing, request_id: str, *, issued_at_ms: int) -> dict[bytes, bytes]:
-    """A correctly signed KernelPrefetchRequest entry with a chosen ``issued_at_ms``."""
-    request = L.KernelPrefetchRequest(request_id=request_id, blueprint_id="BP404", training_run_id="run-x")
-    envelope = L.BusEnvelope(
-        message_type=L.BUS_MESSAGE_TYPE_KERNEL_PREFETCH_REQUEST, payload=request.SerializeToString()
-    )
-    envelope.attributes.update(
-        {"issued_at_ms": str(issued_at_ms), "nonce": uuid.uuid4().hex, "source": "test-trainer"}
-    )
-    return signed_fields(keyring, envelope.SerializeToString(deterministic=True))
+@pytest.fixture(autouse=True)
+def _isolated(isolated_env: Path) -> None:
+    """No ESPER_* variables or .env from the caller leak into the settings under test."""
 
 
 # ------------------------------------------------------------------- boot and stop
@@ -195,7 +82,7 @@ class RecordingService(WeatherlightService):
         self.boot_log: list[tuple[str, list[str]]] = []
 
     def specs(self) -> list[WorkerSpec]:
-        return [replace(spec, factory=self._recorded(spec)) for spec in super().specs()]
+        return [replace(spec, run=self._recorded(spec)) for spec in super().specs()]
 
     def _recorded(self, spec: WorkerSpec) -> Callable[[WorkerContext], Awaitable[None]]:
         async def body(ctx: WorkerContext) -> None:
@@ -206,7 +93,7 @@ class RecordingService(WeatherlightService):
                     if w["status"] in ("running", "stopped") and w["name"] != spec.name
                 ]
                 self.boot_log.append((spec.name, up))
-            await spec.factory(ctx)
+            await spec.run(ctx)
 
         return body
 
@@ -228,16 +115,16 @@ async def test_boots_in_documented_order_serves_probes_and_stops_cleanly(
         assert (await http_get(port, "/livez"))[0] == 200
         code, body = await http_get(port, "/readyz?verbose")
         assert code == 200, body
-        for check in ("workers", "redis", "catalog"):
+        for check in ("workers", "redis", "catalog", "bus"):
             assert f"[+]{check} ok" in body
 
         status = await status_of(service)
         assert [w["name"] for w in status["workers"]] == BOOT_ORDER
         for w in status["workers"]:
-            assert w["status"] == ("stopped" if w["name"] in ONE_SHOT else "running"), w
+            assert w["status"] == "running", w
             assert w["restarts"] == 0
-        assert status["ready"] is True
-        assert status["healthy"] is True
+        assert status["health"]["status"] == "HEALTHY", status["health"]
+        assert status["health"]["ready"] is True
         assert status["redis"] == "external"
 
         # The groups step really created the consumer groups on the real server.
@@ -267,6 +154,16 @@ async def test_boots_in_documented_order_serves_probes_and_stops_cleanly(
         code, prom = await http_get(port, "/metrics")
         assert code == 200
         assert "oona_published_total" in prom
+        # The supervisor's own series, computed at scrape time.
+        for name in BOOT_ORDER:
+            assert metric(prom, "esper_weatherlight_worker_up", worker=name) == 1.0, name
+        assert metric(prom, "esper_weatherlight_worker_restarts_total", worker="oona") == 0.0
+        assert "esper_weatherlight_worker_backoff_seconds" in prom
+        assert (
+            metric(prom, "esper_weatherlight_breaker_state", breaker="service.publish")
+            == L.CIRCUIT_STATE_CLOSED
+        )
+        assert "urza_prefetch_answers_total" in prom or "urza_prefetch_latency_seconds" in prom
 
         stop_began = time.monotonic()
         result = await service.stop()
@@ -295,7 +192,7 @@ class FlakyPrefetchService(WeatherlightService):
         self.attempts = 0
 
     def specs(self) -> list[WorkerSpec]:
-        return [replace(s, factory=self._flaky) if s.name == "urza_prefetch" else s for s in super().specs()]
+        return [replace(s, run=self._flaky) if s.name == "urza_prefetch" else s for s in super().specs()]
 
     async def _flaky(self, ctx: WorkerContext) -> None:
         self.attempts += 1
@@ -347,7 +244,7 @@ async def test_crashed_worker_restarts_with_backoff_and_health_recovers(
         assert service.supervisor.delays("urza_prefetch") == pytest.approx([0.2, 0.4, 0.8])
         final = worker_view(await status_of(service), "urza_prefetch")
         assert final["backoff_seconds"] == 0.0
-        assert "injected" in (final["last_error"] or "")
+        assert "injected" in final["last_error"]["message"]
         assert service.attempts == 4
         # No other worker was disturbed.
         others = [w for w in (await status_of(service))["workers"] if w["name"] != "urza_prefetch"]
@@ -398,6 +295,7 @@ class DoomedService(WeatherlightService):
 
     async def _doomed(self, ctx: WorkerContext) -> None:
         self.doomed_attempts += 1
+        ctx.started()
         await asyncio.sleep(0.05)
         raise RuntimeError("injected: doomed worker cannot run")
 
@@ -416,7 +314,7 @@ async def test_restart_intensity_breach_of_required_worker_ends_service_non_zero
     assert service.supervisor.delays("doomed") == pytest.approx([0.05, 0.1])
     doomed = service.supervisor.worker("doomed")
     assert doomed["status"] == "failed"
-    assert "injected" in (doomed["last_error"] or "")
+    assert "injected" in doomed["last_error"]["message"]
     # The other workers were drained, not left running.
     assert all(
         w["status"] == "stopped" for w in service.supervisor.snapshot()["workers"] if w["name"] != "doomed"
@@ -438,7 +336,7 @@ class HungService(WeatherlightService):
 
     async def _stuck(self, ctx: WorkerContext) -> None:
         self.attempts += 1
-        ctx.heartbeat()
+        ctx.started()
         if self.attempts == 1:
             self.hung_at = time.monotonic()
             try:
@@ -447,12 +345,8 @@ class HungService(WeatherlightService):
                 self.first_cancelled = True
                 raise
         self.alive.set()
-        while not ctx.stopping.is_set():
-            ctx.heartbeat()
-            try:
-                await asyncio.wait_for(ctx.stopping.wait(), 0.05)
-            except TimeoutError:
-                continue
+        while not await ctx.wait_stopping(0.05):
+            ctx.progress()
 
 
 async def test_watchdog_restarts_a_hung_worker(tmp_path: Path, redis_url: str) -> None:
@@ -466,7 +360,7 @@ async def test_watchdog_restarts_a_hung_worker(tmp_path: Path, redis_url: str) -
         view = worker_view(await status_of(service), "stuck")
         assert view["restarts"] == 1
         assert view["status"] == "running"
-        assert "watchdog timeout" in (view["last_error"] or "")
+        assert view["last_error"]["type"] == "WatchdogTimeout"
         # A heartbeating attempt is left alone for well over its timeout.
         await asyncio.sleep(0.9)
         status = await status_of(service)
@@ -487,6 +381,7 @@ class DeafService(WeatherlightService):
         return [*super().specs(), WorkerSpec("deaf", self._deaf, grace_s=10.0)]
 
     async def _deaf(self, ctx: WorkerContext) -> None:
+        ctx.started()
         while not self.release.is_set():
             try:
                 await self.release.wait()
@@ -520,7 +415,10 @@ async def test_readyz_is_503_while_redis_is_down_and_200_after_it_returns(
     tmp_path: Path, redis_server_factory: Callable[..., RedisServer]
 ) -> None:
     server = redis_server_factory(append_only=True)
-    service = WeatherlightService(make_settings(tmp_path, server.url))
+    # A short breaker window: after the outage the publish paths are probed again within a second.
+    service = WeatherlightService(
+        make_settings(tmp_path, server.url), bus_overrides={"breaker_timeout_ms": 1000}
+    )
     async with serving(service):
         port = service.http.port
         assert (await http_get(port, "/readyz"))[0] == 200

@@ -1,8 +1,10 @@
-"""Settings, errors, logging, telemetry and durable-file helpers shared by every subsystem."""
+"""Settings, errors, logging, telemetry, URL masking, the instance lock and durable files, for all."""
 
 from esper.core.errors import ConfigError
 from esper.core.files import fsync_directory, write_atomic, write_atomic_with
+from esper.core.instance_lock import AlreadyRunning, InstanceLock
 from esper.core.logs import configure_logging, get_logger
+from esper.core.redact import mask_url
 from esper.core.settings import MASK, PREVIOUS_SECRETS_ENV, SECRET_ENV, EsperSettings, load_settings
 from esper.core.telemetry import TelemetryEvent, TelemetryMetric, build_telemetry_packet
 
@@ -10,8 +12,10 @@ __all__ = [
     "MASK",
     "PREVIOUS_SECRETS_ENV",
     "SECRET_ENV",
+    "AlreadyRunning",
     "ConfigError",
     "EsperSettings",
+    "InstanceLock",
     "TelemetryEvent",
     "TelemetryMetric",
     "build_telemetry_packet",
@@ -19,6 +23,7 @@ __all__ = [
     "fsync_directory",
     "get_logger",
     "load_settings",
+    "mask_url",
     "write_atomic",
     "write_atomic_with",
 ]

@@ -10,6 +10,9 @@ a connection open forever.
 - ``/livez``: 200 while the event loop answers at all.
 - ``/readyz``: 200 only when every readiness check passes (each bounded by its
   own timeout), else 503; ``?verbose`` lists ``[+]name ok`` / ``[-]name failed: why``.
+  A check is one named probe (``add_check``) or a provider that judges several
+  named paths in one pass (``add_checks``), so one health function can back
+  ``/readyz`` and everything else that reports health.
 - ``/metrics``: Prometheus text from a ``CollectorRegistry``.
 - ``/status`` (and any route added with ``add_json_route``): JSON from a callable.
 """
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -27,8 +30,12 @@ import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
 from esper.core.logs import get_logger
+from esper.core.redact import mask_url
+from esper.core.worker import WorkerContext
 
 ReadinessCheck = Callable[[], Awaitable[tuple[bool, str]]]
+#: Several named results at once: ``[(name, ok, detail), ...]``.
+ReadinessReport = Callable[[], Awaitable[Sequence[tuple[str, bool, str]]]]
 _MAX_HEADER_BYTES = 16 * 1024
 _REASONS = {
     200: "OK",
@@ -41,8 +48,8 @@ _REASONS = {
 
 @dataclass(frozen=True)
 class _Check:
-    name: str
-    check: ReadinessCheck
+    name: str  # reported when the provider itself fails or times out
+    report: ReadinessReport
     timeout_s: float
 
 
@@ -85,9 +92,18 @@ class HealthServer:
 
     def add_check(self, name: str, check: ReadinessCheck, timeout_s: float = 2.0) -> None:
         """Register a readiness check: an async callable returning ``(ok, detail)``."""
+
+        async def report() -> Sequence[tuple[str, bool, str]]:
+            ok, detail = await check()
+            return [(name, ok, detail)]
+
+        self.add_checks(name, report, timeout_s)
+
+    def add_checks(self, name: str, report: ReadinessReport, timeout_s: float = 2.0) -> None:
+        """Register a provider of several named results; ``name`` stands for it when it fails."""
         if any(c.name == name for c in self._checks):
             raise ValueError(f"duplicate readiness check {name!r}")
-        self._checks.append(_Check(name, check, timeout_s))
+        self._checks.append(_Check(name, report, timeout_s))
 
     def add_json_route(self, path: str, body: Callable[[], Any]) -> None:
         """Serve ``GET path`` as the JSON rendering of ``body()`` (e.g. ``/status``, ``/alerts``)."""
@@ -123,11 +139,12 @@ class HealthServer:
             await asyncio.wait(set(self._connections))
         await server.wait_closed()
 
-    async def serve(self, stopping: asyncio.Event) -> None:
-        """Run until ``stopping`` is set: the shape of a supervised worker body."""
+    async def run(self, ctx: WorkerContext) -> None:
+        """The server as a worker: started once the port is bound, stopped when ``ctx.stopping``."""
         await self.start()
         try:
-            await stopping.wait()
+            ctx.started()
+            await ctx.wait_stopping()
         finally:
             await self.stop()
 
@@ -197,16 +214,16 @@ class HealthServer:
     async def check_readiness(self) -> list[tuple[str, bool, str]]:
         """Run every check concurrently, each under its own timeout; never raises."""
         results = await asyncio.gather(*(self._run_check(c) for c in self._checks))
-        return [(c.name, ok, detail) for c, (ok, detail) in zip(self._checks, results, strict=True)]
+        return [line for lines in results for line in lines]
 
-    async def _run_check(self, check: _Check) -> tuple[bool, str]:
+    async def _run_check(self, check: _Check) -> list[tuple[str, bool, str]]:
         try:
-            ok, detail = await asyncio.wait_for(check.check(), check.timeout_s)
+            lines = await asyncio.wait_for(check.report(), check.timeout_s)
         except TimeoutError:
-            return False, f"timed out after {check.timeout_s}s"
+            return [(check.name, False, f"timed out after {check.timeout_s}s")]
         except Exception as exc:  # noqa: BLE001 - a failing probe is a "not ready" answer, reported in its detail
-            return False, f"{type(exc).__name__}: {exc}"
-        return bool(ok), str(detail)
+            return [(check.name, False, mask_url(f"{type(exc).__name__}: {exc}"))]
+        return [(str(name), bool(ok), mask_url(str(detail))) for name, ok, detail in lines]
 
     async def _readyz(self, *, verbose: bool) -> _Response:
         results = await self.check_readiness()

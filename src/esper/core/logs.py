@@ -3,6 +3,11 @@
 ``ESP_LOG_FORMAT`` picks JSON lines (for collectors) or a console renderer
 (for people); ``ESP_LOG_LEVEL`` sets the threshold. Standard-library loggers
 are routed through the same processors so third-party messages look alike.
+
+Tracebacks (``exc_info``) are rendered to text in both formats and every
+rendered string goes through :func:`esper.core.redact.mask_url`, so a
+password inside a URL never reaches the log, not even from an exception
+message deep in a traceback.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import sys
 from typing import Literal
 
 import structlog
+
+from esper.core.redact import mask_url
 
 LogFormat = Literal["json", "console"]
 
@@ -42,7 +49,8 @@ def configure_logging(level: str = "INFO", fmt: LogFormat = "console") -> None:
         foreign_pre_chain=shared,
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            structlog.processors.format_exc_info if fmt == "json" else _identity,
+            structlog.processors.format_exc_info,
+            _mask_credentials,
             renderer,
         ],
     )
@@ -53,7 +61,14 @@ def configure_logging(level: str = "INFO", fmt: LogFormat = "console") -> None:
     root.setLevel(numeric)
 
 
-def _identity(logger: object, name: str, event: structlog.types.EventDict) -> structlog.types.EventDict:
+def _mask_credentials(
+    logger: object, name: str, event: structlog.types.EventDict
+) -> structlog.types.EventDict:
+    for key, value in event.items():
+        if isinstance(value, str):
+            event[key] = mask_url(value)
+        elif isinstance(value, list | tuple | dict):
+            event[key] = mask_url(str(value)) if "@" in str(value) else value
     return event
 
 

@@ -18,6 +18,7 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from esper.core.errors import ConfigError
+from esper.core.redact import mask_url
 
 SECRET_ENV = "ESPER_LEYLINE_SECRET"
 PREVIOUS_SECRETS_ENV = "ESPER_LEYLINE_PREVIOUS_SECRETS"
@@ -119,6 +120,9 @@ class EsperSettings(BaseSettings):
     weatherlight_shutdown_timeout_s: float = Field(
         default=10.0, gt=0, validation_alias=_env("WEATHERLIGHT_SHUTDOWN_TIMEOUT_S")
     )
+    weatherlight_housekeeping_interval_s: float = Field(
+        default=60.0, gt=0, validation_alias=_env("WEATHERLIGHT_HOUSEKEEPING_INTERVAL_S")
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -180,7 +184,7 @@ class EsperSettings(BaseSettings):
         return f"{prefix}-{host}-{os.getpid()}"
 
     def masked(self) -> dict[str, Any]:
-        """Every setting by environment name, secrets replaced by ``***``; safe to log."""
+        """Every setting by environment name, secrets and URL passwords replaced by ``***``; safe to log."""
         view: dict[str, Any] = {}
         for name, info in type(self).model_fields.items():
             alias = info.validation_alias
@@ -190,6 +194,8 @@ class EsperSettings(BaseSettings):
                 view[str(env_name)] = MASK
             elif isinstance(value, Path):
                 view[str(env_name)] = str(value)
+            elif isinstance(value, str):
+                view[str(env_name)] = mask_url(value)
             else:
                 view[str(env_name)] = value
         return view

@@ -23,6 +23,7 @@ from typing import Any, TextIO
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from esper.core.redis_server import embedded_url
 from esper.core.settings import EsperSettings, load_settings
 from esper.demo.processes import ChildService, http_text, start_nissa, start_weatherlight
 from esper.demo.report import plot_run, print_epoch, print_header
@@ -103,8 +104,7 @@ def _settings(env: dict[str, str], redis_url: str) -> EsperSettings:
 def _redis_url(config: DemoConfig, env: dict[str, str]) -> str:
     if config.redis_url:
         return config.redis_url
-    port = (Path(env["ESPER_VAR_DIR"]) / "redis" / "port").read_text().strip()
-    return f"redis://127.0.0.1:{port}/0"
+    return embedded_url(Path(env["ESPER_VAR_DIR"]))
 
 
 def _client(settings: EsperSettings, role: str) -> OonaClient:

@@ -1,9 +1,10 @@
 """Start-up checks, all run and all reported together.
 
 An operator fixing a broken deployment should see every problem at once:
-a missing secret, an unreachable Redis, an unusable catalogue database and an
-unwritable artifact directory are collected into one ``PreflightError``.
-Messages name settings and hosts, never secrets or URL passwords.
+a missing secret, an unreachable Redis, an unusable catalogue database, an
+unwritable artifact directory, a busy HTTP port and another service already
+running in the var dir are collected into one ``PreflightError``.
+Messages name settings, hosts, ports and pids, never secrets or URL passwords.
 """
 
 from __future__ import annotations
@@ -13,14 +14,15 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from esper.core.errors import ConfigError
-from esper.core.redis_server import RedisServerError, find_server_binary
+from esper.core.instance_lock import AlreadyRunning, ensure_free
+from esper.core.redact import mask_url
+from esper.core.redis_server import RedisServerError, find_server_binary, port_in_use
 from esper.core.settings import EsperSettings
 from esper.urza import normalize_database_url
 
@@ -43,23 +45,13 @@ class PreflightReport:
             raise PreflightError(self.problems)
 
 
-def redact_url(url: str) -> str:
-    """``scheme://user:***@host:port/path``: safe to print."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urlunsplit((parts.scheme, user + netloc, parts.path, parts.query, parts.fragment))
-
-
 async def check_redis(url: str, timeout_s: float = 3.0) -> str | None:
     """``None`` when the server answers PING, else why not."""
     client = aioredis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
     try:
         await asyncio.wait_for(client.ping(), timeout_s)
     except (OSError, TimeoutError, aioredis.RedisError) as exc:
-        return f"Redis at {redact_url(url)} is unreachable ({type(exc).__name__})"
+        return f"Redis at {mask_url(url)} is unreachable ({type(exc).__name__})"
     finally:
         await client.aclose()
     return None
@@ -79,7 +71,7 @@ def check_catalog(database_url: str) -> str | None:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
     except SQLAlchemyError as exc:
-        where = redact_url(database_url)
+        where = mask_url(database_url)
         return f"URZA_DATABASE_URL: catalogue at {where} is unreachable ({type(exc).__name__})"
     finally:
         engine.dispose()
@@ -99,6 +91,30 @@ def check_writable(directory: Path, setting: str) -> str | None:
     return None
 
 
+def check_http_port(host: str, port: int) -> str | None:
+    """``None`` when the probe server can bind ``host:port`` (port 0 always can)."""
+    if port == 0:
+        return None
+    try:
+        busy = port_in_use(host, port)
+    except OSError as exc:  # e.g. an address this host does not have
+        return (
+            f"WEATHERLIGHT_HTTP_HOST/PORT: cannot bind {host}:{port} ({exc.strerror or type(exc).__name__})"
+        )
+    if busy:
+        return f"WEATHERLIGHT_HTTP_PORT: {host}:{port} is already in use by another process"
+    return None
+
+
+def check_instance(var_dir: Path) -> str | None:
+    """``None`` when no other service holds ``var_dir`` (see ``esper.core.instance_lock``)."""
+    try:
+        ensure_free(var_dir)
+    except AlreadyRunning as exc:
+        return f"ESPER_VAR_DIR: another esper-weatherlight-service is {exc}"
+    return None
+
+
 async def run_preflight(settings: EsperSettings, *, check_bus: bool = True) -> PreflightReport:
     """Run every check; ``check_bus`` is false when the embedded server is not started yet."""
     report = PreflightReport()
@@ -114,6 +130,8 @@ async def run_preflight(settings: EsperSettings, *, check_bus: bool = True) -> P
         record("secret", None)
     except ConfigError as exc:
         report.problems.extend(exc.problems)
+    record("instance", check_instance(settings.var_dir))
+    record("http port", check_http_port(settings.weatherlight_http_host, settings.weatherlight_http_port))
     if settings.redis_url is None:
         try:
             find_server_binary()

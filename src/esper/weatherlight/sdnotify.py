@@ -7,21 +7,25 @@ Sends never block the event loop (non-blocking socket) and never raise: a
 lost notification is logged, and systemd's own timeouts cover the rest.
 
 With ``WatchdogSec=`` set, systemd exports ``WATCHDOG_USEC`` (and
-``WATCHDOG_PID``); ``run_watchdog`` pets it at half that interval from an owned
-loop, optionally only while a health callable says the service is alive, so a
-wedged process is restarted by systemd.
+``WATCHDOG_PID``); :meth:`SdNotifier.run_watchdog` is then a worker that pets
+it at half that interval while the service is not UNHEALTHY, and withholds
+the pings once it has been UNHEALTHY for longer than the interval, so
+systemd restarts a service whose required paths stay broken (and, with no
+pings at all, one whose event loop is wedged). Without ``WATCHDOG_USEC`` the
+service runs no watchdog worker at all (``watchdog_enabled`` is false).
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Mapping
 
 import structlog
 
 from esper.core.logs import get_logger
+from esper.core.worker import WorkerContext
 
 
 class SdNotifier:
@@ -42,6 +46,11 @@ class SdNotifier:
     @property
     def enabled(self) -> bool:
         return self.address is not None
+
+    @property
+    def watchdog_enabled(self) -> bool:
+        """systemd asked this process for watchdog pings (``WATCHDOG_USEC``, and a socket to send to)."""
+        return self.enabled and self.watchdog_interval_s is not None
 
     def notify(self, **fields: str | int) -> bool:
         """Send one message of ``KEY=value`` lines; True when it was handed to the socket."""
@@ -69,24 +78,45 @@ class SdNotifier:
     def status(self, text: str) -> bool:
         return self.notify(STATUS=text.replace("\n", " "))
 
-    async def run_watchdog(self, stopping: asyncio.Event, healthy: Callable[[], bool] | None = None) -> None:
-        """Pet the watchdog every half interval until ``stopping`` is set.
+    async def run_watchdog(
+        self,
+        ctx: WorkerContext,
+        serving: Callable[[], Awaitable[bool]],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """The watchdog worker: ping every half interval while ``serving()`` has been true recently.
 
-        Returns at once when systemd asked for no watchdog. Waiting is an event
-        wait with a timeout, so shutdown ends the loop without delay.
+        ``serving()`` answers "is the service not UNHEALTHY?". Pings continue
+        through short troubles and stop once the service has not been serving
+        for longer than the watchdog interval. Only run this when
+        ``watchdog_enabled``.
         """
         interval = self.watchdog_interval_s
         if interval is None or not self.enabled:
-            return
-        while not stopping.is_set():
-            if healthy is None or healthy():
+            raise RuntimeError("systemd asked for no watchdog: do not run the watchdog worker")
+        last_serving = clock()
+        withholding = False
+        ctx.started()
+        while not ctx.stopping.is_set():
+            now = clock()
+            if await serving():
+                last_serving = now
+            if now - last_serving <= interval:
                 self.watchdog()
-            else:
-                self.log.warning("service unhealthy; withholding watchdog ping")
-            try:
-                await asyncio.wait_for(stopping.wait(), interval / 2)
-            except TimeoutError:
-                continue
+                if withholding:
+                    self.log.info("service serving again; watchdog pings resumed")
+                withholding = False
+            elif not withholding:
+                withholding = True
+                self.log.error(
+                    "service unhealthy for longer than the watchdog interval; withholding pings",
+                    interval_s=interval,
+                )
+            ctx.progress()
+            if await ctx.wait_stopping(interval / 2):
+                return
+            ctx.progress()
 
 
 def _watchdog_interval(env: Mapping[str, str]) -> float | None:

@@ -1,30 +1,40 @@
 """Weatherlight: boots the control plane in order and supervises it.
 
 Boot order (each step gates the next; see ``WeatherlightService.specs``):
-HTTP probes → embedded Redis (only without ``REDIS_URL``) → Oona consumer
-groups → Urza library → Urza prefetch worker → Kasmina kernel warmer →
-Tamiyo (system states and policy updates) → emergency-stream consumer →
-telemetry → housekeeping. Shutdown runs in reverse, so the HTTP server
-reports "not ready" for the whole drain and the embedded server stops after
-every client of it. Each role has its own Oona client (its own breakers and
-connections) while all share one metrics object on the service registry.
+HTTP probes → embedded Redis (only without ``REDIS_URL``) → Oona (consumer
+groups, and the service's own client) → Urza library → Urza prefetch worker
+→ Kasmina kernel warmer → Tamiyo (system states and policy updates) →
+emergency-stream consumer → telemetry → housekeeping → systemd watchdog
+(only when systemd asked for one). Shutdown runs in reverse, so the HTTP
+server reports "not ready" for the whole drain, Oona closes after every bus
+worker and the embedded server stops last.
+
+Every worker body builds what it runs on each attempt: its own Oona client
+(own connections and breakers), its components and their metrics registry.
+A restart therefore starts clean; nothing of a failed attempt is reused.
+All clients share one metrics object on the service registry. One service
+runs per var dir (:class:`~esper.core.instance_lock.InstanceLock`).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import Counter as Tally
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry
 from redis.exceptions import RedisError
 
 from esper.core.http_server import HealthServer
+from esper.core.instance_lock import InstanceLock
 from esper.core.logs import get_logger
+from esper.core.redis_server import RedisServer, ServerOptions, embedded_options
 from esper.core.settings import EsperSettings
 from esper.core.telemetry import indicated_priority
+from esper.core.worker import WorkerContext, WorkerExited
 from esper.kasmina.warmer import KernelWarmer
 from esper.leyline import leyline_pb2
 from esper.oona import OonaClient, OonaMessage, OonaMetrics, StreamConfig
@@ -34,38 +44,51 @@ from esper.tamiyo.metadata import UrzaBlueprintMetadata
 from esper.tamiyo.service import TamiyoService
 from esper.urza import UrzaLibrary
 from esper.urza.prefetch import UrzaPrefetchWorker
-from esper.weatherlight.embedded_redis import EmbeddedRedis
+from esper.weatherlight.health import UNHEALTHY, Health, bus_problems, judge, probe_catalog, probe_redis
+from esper.weatherlight.metrics import AttemptRegistries, SupervisorCollector
+from esper.weatherlight.periodic import run_every
 from esper.weatherlight.sdnotify import SdNotifier
 from esper.weatherlight.supervisor import (
     BackoffPolicy,
     BootError,
-    RestartPolicy,
     ShutdownResult,
     Supervisor,
-    WorkerContext,
     WorkerSpec,
 )
 from esper.weatherlight.telemetry import build_weatherlight_packet
-from esper.weatherlight.workers import run_components, run_once, run_periodically
 
 _log = get_logger("esper.weatherlight")
-_CONSUMER_HEARTBEAT_S = 60.0
+#: A consumer reads with a 1 s block, so an idle one progresses every second; a minute of silence is a wedge.
+CONSUMER_HEARTBEAT_S = 60.0
 _ALL_TYPES = frozenset(v for v in leyline_pb2.BusMessageType.values() if v)
-_ROLES = {"prefetch": "weatherlight", "kasmina": "kasmina", "tamiyo": "tamiyo", "service": "weatherlight"}
+#: role -> consumer group. Each role's worker has its own client; "service" is the Oona step's.
+_ROLES = {
+    "prefetch": "weatherlight",
+    "kasmina": "kasmina",
+    "tamiyo": "tamiyo",
+    "emergency": "weatherlight",
+    "service": "weatherlight",
+}
+#: Room for the signed envelope around Oona's largest payload, for the server's bulk limit.
+_ENVELOPE_MARGIN_BYTES = 64 * 1024
 
 
 class WeatherlightService:
-    """The composed control plane. ``await run()`` returns a ``ShutdownResult``."""
+    """The composed control plane. ``await run()`` returns a ``ShutdownResult``.
+
+    ``bus_overrides`` tune every role's ``StreamConfig`` (tests shorten
+    breaker windows with it).
+    """
 
     def __init__(
         self,
         settings: EsperSettings,
         *,
         backoff: BackoffPolicy | None = None,
-        housekeeping_interval_s: float = 60.0,
         maintenance_every: int = 10,
         notifier: SdNotifier | None = None,
         registry: CollectorRegistry | None = None,
+        bus_overrides: Mapping[str, Any] | None = None,
     ) -> None:
         self.settings = settings
         self.keyring = KeyRing(*settings.signing_secrets())
@@ -73,18 +96,22 @@ class WeatherlightService:
         self.oona_metrics = OonaMetrics(self.registry)
         self.supervisor = Supervisor(backoff)
         self.notifier = notifier or SdNotifier()
-        self.housekeeping_interval_s = housekeeping_interval_s
         self.maintenance_every = max(1, maintenance_every)
+        self.bus_overrides = dict(bus_overrides or {})
+        self.lock = InstanceLock(settings.var_dir)
+        self.attempt_metrics = AttemptRegistries()
+        self.registry.register(self.attempt_metrics)
+        self.registry.register(SupervisorCollector(self.supervisor.snapshot, self.breaker_states))
         self.http = HealthServer(
             settings.weatherlight_http_host,
             settings.weatherlight_http_port,
             registry=self.registry,
             status=self.status,
         )
-        self.http.add_check("workers", self.supervisor.readiness_check)
-        self.http.add_check("redis", self._redis_check)
-        self.http.add_check("catalog", self._catalog_check)
-        self.embedded = EmbeddedRedis(settings.var_dir) if settings.redis_url is None else None
+        self.http.add_checks("health", self._readiness, timeout_s=3.0)
+        #: The embedded server's options (set at start when ``REDIS_URL`` is unset) and current process.
+        self.embedded_options: ServerOptions | None = None
+        self.embedded: RedisServer | None = None
         self.clients: dict[str, OonaClient] = {}
         self.library: UrzaLibrary | None = None
         self.prefetch: UrzaPrefetchWorker | None = None
@@ -92,113 +119,157 @@ class WeatherlightService:
         self.tamiyo: TamiyoService | None = None
         self.emergencies: Tally[str] = Tally()
         self.housekeeping_skipped = 0
+        self.last_health: Health | None = None
         self._ticks = 0
 
     # -- composition ---------------------------------------------------------------
 
     @property
     def redis_url(self) -> str:
-        if self.embedded is not None:
-            return self.embedded.url
-        assert self.settings.redis_url is not None
-        return self.settings.redis_url
+        if self.settings.redis_url is not None:
+            return self.settings.redis_url
+        if self.embedded_options is None:
+            raise RuntimeError("the embedded server is set up when the service starts")
+        return self.embedded_options.url
 
     def specs(self) -> list[WorkerSpec]:
         """The workers in boot order."""
-        specs = [WorkerSpec("http", lambda ctx: self.http.serve(ctx.stopping), grace_s=1.0)]
-        if self.embedded is not None:
-            specs.append(WorkerSpec("redis", self.embedded.run_worker, wait_ready=True, grace_s=5.0))
-        consumer = {"heartbeat_timeout_s": _CONSUMER_HEARTBEAT_S, "wait_ready": True}
+        interval = self.settings.weatherlight_telemetry_interval_s
+        housekeeping = self.settings.weatherlight_housekeeping_interval_s
+        consumer = {"heartbeat_timeout_s": CONSUMER_HEARTBEAT_S}
+        # The HTTP port is a boot step that cannot fix itself: fail within a few seconds, naming it.
+        specs = [WorkerSpec("http", self.http.run, grace_s=1.0, ready_timeout_s=5.0)]
+        if self.settings.redis_url is None:
+            specs.append(WorkerSpec("redis", self._run_embedded, grace_s=5.0))
         specs += [
-            WorkerSpec(
-                "oona_groups",
-                lambda ctx: run_once(ctx, self._connect_bus),
-                restart=RestartPolicy.TRANSIENT,
-                wait_ready=True,
-            ),
-            WorkerSpec(
-                "urza_library",
-                lambda ctx: run_once(ctx, self._open_library),
-                restart=RestartPolicy.TRANSIENT,
-                wait_ready=True,
-            ),
+            WorkerSpec("oona", self._run_oona),
+            WorkerSpec("urza_library", self._run_library),
             WorkerSpec("urza_prefetch", self._run_prefetch, **consumer),  # type: ignore[arg-type]
             WorkerSpec("kasmina", self._run_warmer, **consumer),  # type: ignore[arg-type]
             WorkerSpec("tamiyo", self._run_tamiyo, **consumer),  # type: ignore[arg-type]
             WorkerSpec("emergency", self._run_emergency, **consumer),  # type: ignore[arg-type]
             WorkerSpec(
                 "telemetry",
-                lambda ctx: run_periodically(
-                    ctx, self.settings.weatherlight_telemetry_interval_s, self.publish_telemetry
-                ),
-                heartbeat_timeout_s=max(30.0, 3 * self.settings.weatherlight_telemetry_interval_s),
+                lambda ctx: run_every(ctx, interval, self.publish_telemetry),
+                heartbeat_timeout_s=max(30.0, 3 * interval),
             ),
             WorkerSpec(
                 "housekeeping",
-                lambda ctx: run_periodically(ctx, self.housekeeping_interval_s, self.housekeeping),
-                heartbeat_timeout_s=max(120.0, 3 * self.housekeeping_interval_s),
+                lambda ctx: run_every(ctx, housekeeping, self.housekeeping),
+                heartbeat_timeout_s=max(300.0, 3 * housekeeping),
             ),
         ]
-        if self.notifier.enabled:
+        if self.notifier.watchdog_enabled:
             specs.append(
                 WorkerSpec(
-                    "sd_watchdog", lambda ctx: self.notifier.run_watchdog(ctx.stopping), required=False
+                    "sd_watchdog", lambda ctx: self.notifier.run_watchdog(ctx, self._serving), required=False
                 )
             )
         return specs
 
-    def _client(self, role: str) -> OonaClient:
-        client = self.clients.get(role)
-        if client is None:
-            config = StreamConfig.from_settings(self.settings, group=_ROLES[role], consumer_prefix=role)
-            if role == "service":
-                # Telemetry must never stall its worker waiting for a breaker.
-                config = replace(config, publish_breaker_wait_ms=100)
-            client = OonaClient(self.redis_url, config, self.keyring, metrics=self.oona_metrics, name=role)
-            self.clients[role] = client
-        return client
+    def _config(self, role: str) -> StreamConfig:
+        config = StreamConfig.from_settings(self.settings, group=_ROLES[role], consumer_prefix=role)
+        if role == "service":
+            # Telemetry must never stall its worker waiting for a breaker.
+            config = replace(config, publish_breaker_wait_ms=100)
+        return replace(config, **self.bus_overrides) if self.bus_overrides else config
 
-    async def _connect_bus(self) -> None:
-        for role in _ROLES:
-            await self._client(role).ensure_consumer_groups()
-
-    async def _open_library(self) -> None:
-        if self.library is None:
-            self.library = await asyncio.to_thread(
-                UrzaLibrary.from_settings, self.settings, registry=self.registry
-            )
+    @asynccontextmanager
+    async def _role_client(self, role: str) -> AsyncIterator[OonaClient]:
+        """A fresh client for one attempt of a role's worker, visible to health and metrics meanwhile."""
+        client = OonaClient(
+            self.redis_url, self._config(role), self.keyring, metrics=self.oona_metrics, name=role
+        )
+        self.clients[role] = client
+        try:
+            yield client
+        finally:
+            if self.clients.get(role) is client:
+                del self.clients[role]
+            await client.aclose()
 
     def _need_library(self) -> UrzaLibrary:
         if self.library is None:
             raise RuntimeError("the Urza library is not open")
         return self.library
 
+    # -- resource workers ----------------------------------------------------------
+
+    async def _run_embedded(self, ctx: WorkerContext) -> None:
+        """The private bus server: started fresh each attempt; its death is this worker's failure."""
+        assert self.embedded_options is not None
+        server = RedisServer(self.embedded_options)
+        await server.astart()
+        self.embedded = server
+        pid = server.pid
+        _log.info("embedded redis started", pid=pid, url=server.display_url, dir=str(server.options.data_dir))
+        try:
+            ctx.started()
+            exited = asyncio.create_task(server.wait_exit(), name="embedded-redis-exit")
+            stopping = asyncio.create_task(ctx.stopping.wait(), name="embedded-redis-stopping")
+            try:
+                await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (exited, stopping):
+                    task.cancel()
+                await asyncio.gather(exited, stopping, return_exceptions=True)
+            if not ctx.stopping.is_set():
+                raise server.exited_error(exited.result())
+        finally:
+            await server.astop()
+            _log.info("embedded redis stopped", pid=pid)
+
+    async def _run_oona(self, ctx: WorkerContext) -> None:
+        """Create every role's consumer groups, then hold the service's own client until the end."""
+        async with self._role_client("service") as client:
+            for group in sorted(set(_ROLES.values())):
+                await client.ensure_consumer_groups(group)
+            ctx.started()
+            await ctx.wait_stopping()
+
+    async def _run_library(self, ctx: WorkerContext) -> None:
+        registry = self.attempt_metrics.fresh("urza_library")
+        library = await asyncio.to_thread(UrzaLibrary.from_settings, self.settings, registry=registry)
+        self.library = library
+        try:
+            ctx.started()
+            await ctx.wait_stopping()
+        finally:
+            if self.library is library:
+                self.library = None
+            await asyncio.to_thread(library.close)
+
+    # -- bus workers (through the bridge below) -------------------------------------
+
     async def _run_prefetch(self, ctx: WorkerContext) -> None:
-        if self.prefetch is None:
-            self.prefetch = UrzaPrefetchWorker(
-                self._client("prefetch"), self._need_library(), registry=self.registry
-            )
-        await run_components(ctx, [self.prefetch], progress=[self.prefetch.consumer])
+        async with self._role_client("prefetch") as client:
+            registry = self.attempt_metrics.fresh("urza_prefetch")
+            self.prefetch = UrzaPrefetchWorker(client, self._need_library(), registry=registry)
+            await _run_legacy(ctx, [self.prefetch], {"requests": self.prefetch.consumer})
 
     async def _run_warmer(self, ctx: WorkerContext) -> None:
-        if self.warmer is None:
-            self.warmer = KernelWarmer(self._client("kasmina"), self._need_library())
-        consumers = [self.warmer.commands, self.warmer.catalog]
-        await run_components(ctx, consumers, progress=consumers)
+        async with self._role_client("kasmina") as client:
+            self.warmer = self._warmer(client, self._need_library())
+            commands, catalog = self.warmer.commands, self.warmer.catalog
+            await _run_legacy(ctx, [commands, catalog], {"commands": commands, "catalog": catalog})
+
+    def _warmer(self, client: OonaClient, library: UrzaLibrary) -> KernelWarmer:
+        return KernelWarmer(client, library)
 
     async def _run_tamiyo(self, ctx: WorkerContext) -> None:
-        if self.tamiyo is None:
+        async with self._role_client("tamiyo") as client:
             metadata = UrzaBlueprintMetadata(self._need_library())
             controller = await asyncio.to_thread(
                 TamiyoController.from_settings, self.settings, self.keyring, metadata
             )
-            self.tamiyo = TamiyoService(self._client("tamiyo"), controller)
-        await run_components(ctx, [self.tamiyo], progress=self.tamiyo.consumers)
+            self.tamiyo = TamiyoService(client, controller)
+            states, policy = self.tamiyo.consumers
+            await _run_legacy(ctx, [self.tamiyo], {"states": states, "policy": policy})
 
     async def _run_emergency(self, ctx: WorkerContext) -> None:
-        client = self._client("service")
-        consumer = client.consumer(client.config.emergency_stream, self._on_emergency, types=_ALL_TYPES)
-        await run_components(ctx, [consumer], progress=[consumer])
+        async with self._role_client("emergency") as client:
+            consumer = client.consumer(client.config.emergency_stream, self._on_emergency, types=_ALL_TYPES)
+            await _run_legacy(ctx, [consumer], {"emergency": consumer})
 
     async def _on_emergency(self, message: OonaMessage) -> None:
         kind = leyline_pb2.BusMessageType.Name(message.message_type).removeprefix("BUS_MESSAGE_TYPE_").lower()
@@ -218,16 +289,16 @@ class WeatherlightService:
 
     def breaker_states(self) -> dict[str, int]:
         states: dict[str, int] = {}
-        for client in self.clients.values():
+        for client in list(self.clients.values()):
             states[client.publish_breaker.name] = int(client.publish_breaker.state)
             states[client.consume_breaker.name] = int(client.consume_breaker.state)
         return states
 
     def component_metrics(self) -> dict[str, float]:
         metrics: dict[str, float] = {}
-        if self.clients:
-            first = next(iter(self.clients.values()))
-            metrics.update({f"oona.{k}": v for k, v in first.metrics_snapshot().items()})
+        service = self.clients.get("service")
+        if service is not None:
+            metrics.update({f"oona.{k}": v for k, v in service.metrics_snapshot().items()})
         if self.library is not None:
             for key, value in self.library.metrics_snapshot().items():
                 if isinstance(value, int | float):
@@ -244,17 +315,22 @@ class WeatherlightService:
         metrics["weatherlight.housekeeping.skipped_total"] = float(self.housekeeping_skipped)
         return metrics
 
-    async def publish_telemetry(self) -> None:
+    async def publish_telemetry(self, ctx: WorkerContext | None = None) -> None:
         """Publish the service packet and Oona's, then forward Kasmina's at their own priority."""
-        client = self._client("service")
-        snapshot = self.supervisor.snapshot()
+        client = self.clients.get("service")
+        if client is None:
+            _log.warning("weatherlight.telemetry_skipped", reason="oona is not connected")
+            return
+        health = await self.health()
         packet = build_weatherlight_packet(
-            snapshot, breaker_states=self.breaker_states(), extra_metrics=self.component_metrics()
+            self.supervisor.snapshot(),
+            health,
+            breaker_states=self.breaker_states(),
+            extra_metrics=self.component_metrics(),
         )
-        # A failed worker is urgent; backing off or an open breaker is only degraded.
-        priority = (
-            leyline_pb2.MESSAGE_PRIORITY_HIGH if snapshot["failed"] else leyline_pb2.MESSAGE_PRIORITY_NORMAL
-        )
+        # Only a required path down is urgent (emergency stream); degraded is routine.
+        urgent = health.status == UNHEALTHY
+        priority = leyline_pb2.MESSAGE_PRIORITY_HIGH if urgent else leyline_pb2.MESSAGE_PRIORITY_NORMAL
         results = [
             await client.publish_telemetry(packet, priority=priority),
             await client.publish_telemetry(client.metrics_packet()),
@@ -270,16 +346,18 @@ class WeatherlightService:
                 "weatherlight.telemetry_not_published", count=len(failed), reasons=sorted(set(failed))
             )
 
-    async def housekeeping(self) -> None:
+    async def housekeeping(self, ctx: WorkerContext | None = None) -> None:
         """Trim streams, refresh queue depths and, now and then, sweep Urza.
 
-        A Redis outage is not this worker's failure: it is reported by
-        ``/readyz`` and the consumers' breakers, and trimming can wait for the
-        next tick. Failing here would restart (and eventually fail) a required
-        worker over something it cannot fix.
+        A Redis outage is not this worker's failure: ``/readyz`` and the
+        breakers report it, and trimming can wait for the next tick. Failing
+        here would restart (and eventually fail) a required worker over
+        something it cannot fix.
         """
-        client = self._client("service")
+        client = self.clients.get("service")
         try:
+            if client is None:
+                raise ConnectionError("oona is not connected")
             trimmed = await client.housekeeping()
             await client.refresh_depths()
         except (RedisError, OSError) as exc:
@@ -288,38 +366,42 @@ class WeatherlightService:
         else:
             if any(trimmed.values()):
                 _log.info("weatherlight.trimmed", **{k: v for k, v in trimmed.items() if v})
+        if ctx is not None:
+            ctx.progress()
         self._ticks += 1
         if self.library is not None and self._ticks % self.maintenance_every == 0:
             report = await self.library.amaintenance()
             _log.info("weatherlight.urza_maintenance", report=str(report))
 
-    # -- probes and status ---------------------------------------------------------
+    # -- health and status ---------------------------------------------------------
 
-    async def _redis_check(self) -> tuple[bool, str]:
-        client = self.clients.get("service")
-        if client is None:
-            return False, "not connected yet"
-        try:
-            await asyncio.wait_for(client.redis.ping(), 1.0)
-        except (OSError, TimeoutError) as exc:
-            return False, f"unreachable ({type(exc).__name__})"
-        except Exception as exc:  # noqa: BLE001 - redis-py raises its own error types; all mean "down"
-            return False, f"unreachable ({type(exc).__name__})"
-        return True, "ok"
+    async def health(self) -> Health:
+        """The one verdict for ``/readyz``, telemetry and the systemd watchdog (see ``health.py``)."""
+        service = self.clients.get("service")
+        redis, catalog = await asyncio.gather(
+            probe_redis(service.redis if service is not None else None), probe_catalog(self.library)
+        )
+        health = judge(
+            self.supervisor.snapshot(),
+            redis=redis,
+            catalog=catalog,
+            bus=bus_problems(self.clients),
+            breakers=self.breaker_states(),
+        )
+        self.last_health = health
+        return health
 
-    async def _catalog_check(self) -> tuple[bool, str]:
-        if self.library is None:
-            return False, "not open yet"
-        try:
-            await self.library.aget("__readyz__")
-        except Exception as exc:  # noqa: BLE001 - any database failure means "not ready"
-            return False, f"unreachable ({type(exc).__name__})"
-        return True, "ok"
+    async def _readiness(self) -> Sequence[tuple[str, bool, str]]:
+        return [(c.name, c.ok, c.detail) for c in (await self.health()).checks]
+
+    async def _serving(self) -> bool:
+        return (await self.health()).status != UNHEALTHY
 
     def status(self) -> Mapping[str, Any]:
         snapshot = dict(self.supervisor.snapshot())
+        snapshot["health"] = self.last_health.view() if self.last_health is not None else None
         snapshot["breakers"] = self.breaker_states()
-        snapshot["redis"] = "embedded" if self.embedded is not None else "external"
+        snapshot["redis"] = "external" if self.settings.redis_url is not None else "embedded"
         snapshot["components"] = self.component_metrics()
         return snapshot
 
@@ -340,11 +422,22 @@ class WeatherlightService:
             self.notifier.stopping()
             return await self.supervisor.shutdown(self.settings.weatherlight_shutdown_timeout_s)
         finally:
-            await self.close()
+            self.close()
 
     async def start(self) -> None:
-        """Boot only (for embedding and tests); pair with ``stop()``."""
-        await self.supervisor.start(self.specs())
+        """Take the var dir's lock, then boot (for embedding and tests); pair with ``stop()``.
+
+        Raises ``AlreadyRunning`` when another service holds the var dir.
+        """
+        self.lock.acquire()
+        try:
+            if self.settings.redis_url is None:
+                bulk = StreamConfig(group="-", consumer="-").max_payload_bytes + _ENVELOPE_MARGIN_BYTES
+                self.embedded_options = embedded_options(self.settings.var_dir, max_bulk_bytes=bulk)
+            await self.supervisor.start(self.specs())
+        except BaseException:
+            self.close()
+            raise
         self.notifier.ready(status="ready")
 
     async def stop(self) -> ShutdownResult:
@@ -352,12 +445,64 @@ class WeatherlightService:
         try:
             return await self.supervisor.shutdown(self.settings.weatherlight_shutdown_timeout_s)
         finally:
-            await self.close()
+            self.close()
 
-    async def close(self) -> None:
-        """Release clients and the library (Oona last of the components)."""
-        if self.library is not None:
-            await asyncio.to_thread(self.library.close)
-        for client in self.clients.values():
-            await client.aclose()
-        self.clients.clear()
+    def close(self) -> None:
+        """Release the var dir (every worker has closed what it opened by now)."""
+        self.lock.release()
+
+
+# -- bridge for bus components that predate the worker contract ---------------------------------
+# Delete this section when UrzaPrefetchWorker, KernelWarmer, TamiyoService and Oona's consumers
+# take a WorkerContext themselves; their workers then call ``component.run(ctx)`` directly.
+
+
+class _Legacy(Protocol):
+    async def run(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class _Counted(Protocol):
+    iterations: int
+
+
+_BRIDGE_TICK_S = 1.0  # consumers iterate at least once per 1 s block when idle
+
+
+async def _run_legacy(
+    ctx: WorkerContext, components: Sequence[_Legacy], progress: Mapping[str, _Counted]
+) -> None:
+    """Run old-shape components (``run()``/``stop()``) under ``ctx`` until it stops.
+
+    Each consumer in ``progress`` gets its own child context, moved on when
+    its loop count (``iterations``) moves, so the watchdog judges every
+    consumer on its own. The worker has started once every consumer has
+    begun its first read. A component ending on its own ends the worker
+    with its error (or ``WorkerExited``).
+    """
+    children = {name: ctx.child(name) for name in progress}
+    seen = dict.fromkeys(progress, 0)
+    async with asyncio.TaskGroup() as group:
+        runs = [group.create_task(c.run(), name=f"{ctx.name}.{i}") for i, c in enumerate(components)]
+        stopping = group.create_task(ctx.stopping.wait(), name=f"{ctx.name}.stopping")
+        while True:
+            wait_s = _BRIDGE_TICK_S if ctx.is_started else 0.02  # notice the start promptly
+            done, _ = await asyncio.wait(
+                [*runs, stopping], timeout=wait_s, return_when=asyncio.FIRST_COMPLETED
+            )
+            for name, counted in progress.items():
+                if counted.iterations != seen[name]:
+                    seen[name] = counted.iterations
+                    children[name].progress()
+            if not ctx.is_started and all(seen.values()):
+                ctx.started()
+            if stopping in done:
+                for component in components:
+                    await component.stop()
+                return
+            if done:
+                stopping.cancel()
+                for task in done:
+                    task.result()  # a component's own error
+                raise WorkerExited(f"{ctx.name}: a component returned while it should be running")

@@ -1,17 +1,19 @@
-"""A small OTP-style supervisor for the service's long-running asyncio workers.
+"""A small OTP-style supervisor for the service's workers, on the one worker contract.
 
-Why this exists: the original wrapper never reset
-its backoff, never restarted a cleanly returning worker, had no watchdog, no
-intensity limit, and cancelled everything at once with no deadline. Here each
-worker has a restart policy, an exponential backoff that resets after a
-stable run, a restart-intensity limit that escalates (a failed *required*
-worker ends the process non-zero so systemd/Kubernetes takes over), and a
-heartbeat watchdog. Boot is sequential and gated; shutdown runs in reverse
-boot order under one global deadline and never hangs on a task that ignores
-cancellation: such stragglers are named, logged and abandoned.
+Every worker is ``async def run(ctx)`` (:mod:`esper.core.worker`). The
+supervisor gives each *attempt* a fresh :class:`~esper.core.worker.WorkerContext`,
+believes a worker is up only once it calls ``ctx.started()``, and judges a
+running attempt by ``ctx.silence()``: the least recently progressing of its
+components. Each worker has a restart policy, an exponential backoff that
+resets after a stable run, and a restart-intensity limit whose breach marks
+it FAILED (for a *required* worker the service then ends non-zero so
+systemd/Kubernetes takes over). Boot is sequential and gated, each step
+retried within its ready timeout; shutdown runs in reverse boot order under
+one global deadline and never hangs on a task that ignores cancellation:
+such stragglers are named, logged and abandoned.
 
 Every task is owned: one runner task per worker, which owns one attempt task
-at a time. Nothing is fire-and-forget.
+at a time. Every failure is logged once, with its traceback.
 """
 
 from __future__ import annotations
@@ -21,20 +23,22 @@ import enum
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
 from esper.core.logs import get_logger
+from esper.core.redact import mask_url
+from esper.core.worker import Worker, WorkerContext, WorkerExited, unwrap
 
 
 class RestartPolicy(enum.Enum):
-    """When a finished worker is started again (Erlang's child restart types)."""
+    """When a finished attempt is started again (Erlang's child restart types)."""
 
-    PERMANENT = "permanent"  # always, also after a clean return
-    TRANSIENT = "transient"  # only after an exception (or watchdog timeout)
+    PERMANENT = "permanent"  # always: after a failure and after a clean return
+    TRANSIENT = "transient"  # only after a failure (an exception or a watchdog timeout)
     TEMPORARY = "temporary"  # never
 
 
@@ -48,6 +52,10 @@ class WorkerStatus(enum.StrEnum):
 
 class BootError(RuntimeError):
     """A boot step failed or did not become ready in time; boot was aborted."""
+
+
+class WatchdogTimeout(TimeoutError):
+    """A running attempt's least recently progressing component was silent too long."""
 
 
 @dataclass(frozen=True)
@@ -68,61 +76,70 @@ class BackoffPolicy:
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """How to run one worker. ``factory(ctx)`` is called afresh for every attempt."""
+    """How to run one worker.
+
+    ``run`` is called once per attempt with a fresh ``WorkerContext``. The
+    body builds its components (clients, consumers, caches) inside that
+    call, so an attempt never inherits the state that made the previous one
+    fail, and an abandoned attempt can never report progress for its
+    successor.
+
+    Readiness: an attempt is up once it calls ``ctx.started()``; nothing else
+    counts. The one exception is a *one-shot* step: a ``TRANSIENT`` or
+    ``TEMPORARY`` worker whose attempt returns cleanly without calling
+    ``started()`` has completed its job; boot moves on and the worker ends
+    STOPPED. A ``PERMANENT`` worker returning before ``started()`` has failed
+    (``WorkerExited``).
+
+    Boot waits up to ``ready_timeout_s`` for a step. Within that time a
+    failed attempt is retried after its backoff when the policy restarts
+    failures (``PERMANENT``, ``TRANSIENT``); a ``TEMPORARY`` step that fails
+    fails the boot at once. After boot, an attempt that has not started
+    within ``ready_timeout_s`` is cancelled and counted as a failure.
+
+    With ``heartbeat_timeout_s``, a started attempt whose ``ctx.silence()``
+    exceeds it is cancelled and counted as a failure naming the silent
+    component. Set it above the longest quiet stretch a healthy component
+    has (a blocking read's timeout, a periodic worker's interval).
+    """
 
     name: str
-    factory: Callable[[WorkerContext], Awaitable[None]]
+    run: Worker
     restart: RestartPolicy = RestartPolicy.PERMANENT
     required: bool = True
     heartbeat_timeout_s: float | None = None
     grace_s: float = 2.0
-    wait_ready: bool = False  # boot waits for ctx.mark_ready() instead of the first step
     ready_timeout_s: float = 30.0
     max_restarts: int = 5  # more than this many restarts ...
     max_restarts_window_s: float = 60.0  # ... within this window marks the worker FAILED
     backoff: BackoffPolicy | None = None  # None: the supervisor's policy
 
 
-class WorkerContext:
-    """What a worker sees: heartbeat, readiness, its stop signal and a bound logger."""
-
-    def __init__(self, state: _Worker, logger: structlog.stdlib.BoundLogger) -> None:
-        self._state = state
-        self.name = state.spec.name
-        self.logger = logger
-        #: Set when this worker's turn to stop has come; drain and return.
-        self.stopping: asyncio.Event = state.stopping
-
-    def heartbeat(self) -> None:
-        """Tell the watchdog this worker is alive."""
-        self._state.last_heartbeat = time.monotonic()
-
-    def mark_ready(self) -> None:
-        """This attempt is up: boot may proceed to the next worker (see ``wait_ready``)."""
-        if self._state.status is WorkerStatus.STARTING:
-            self._state.status = WorkerStatus.RUNNING
-        if not self._state.ready.done():
-            self._state.ready.set_result(None)
-
-
 @dataclass
 class _Worker:
     spec: WorkerSpec
-    stopping: asyncio.Event
-    ready: asyncio.Future[None]
+    stop: asyncio.Event  # this worker's turn to stop has come
+    booted: asyncio.Future[None]  # started once, or a one-shot step completed
     status: WorkerStatus = WorkerStatus.STARTING
     restarts: int = 0
     backoff_s: float = 0.0
-    last_error: str | None = None
+    last_error: tuple[str, str] | None = None  # (type, message), secrets masked
     last_error_at: float | None = None
     started_at: float | None = None
-    last_heartbeat: float = 0.0
+    ctx: WorkerContext | None = None  # the current attempt's context
     runner: asyncio.Task[None] | None = None
     attempt: asyncio.Task[None] | None = None
     delays: list[float] = field(default_factory=list)  # every backoff waited, for tests/ops
     restart_times: deque[float] = field(default_factory=deque)
 
     def view(self) -> dict[str, Any]:
+        silent: dict[str, Any] | None = None
+        if self.ctx is not None and self.status is WorkerStatus.RUNNING:
+            component, seconds = self.ctx.silence()
+            silent = {"component": component, "seconds": round(seconds, 3)}
+        error = (
+            None if self.last_error is None else {"type": self.last_error[0], "message": self.last_error[1]}
+        )
         return {
             "name": self.spec.name,
             "status": self.status.value,
@@ -130,9 +147,10 @@ class _Worker:
             "restart": self.spec.restart.value,
             "restarts": self.restarts,
             "backoff_seconds": round(self.backoff_s, 3),
-            "last_error": self.last_error,
+            "last_error": error,
             "last_error_ts": self.last_error_at,
             "started_at": self.started_at,
+            "silent": silent,
         }
 
 
@@ -185,11 +203,13 @@ class Supervisor:
     # -- boot --------------------------------------------------------------------
 
     async def start(self, specs: Iterable[WorkerSpec]) -> None:
-        """Start workers one at a time; each must be ready before the next starts.
+        """Start workers one at a time; each must be up before the next starts.
 
-        A step fails when its worker ends before it is ready, is not ready in
-        ``ready_timeout_s``, or a stop is requested meanwhile. Then every worker
-        already started is stopped (reverse order) and ``BootError`` is raised.
+        A step fails when its worker gives up (a ``TEMPORARY`` failure, the
+        restart-intensity limit), is not up within ``ready_timeout_s``
+        (failed attempts meanwhile are retried), or a stop is requested.
+        Then every worker already started is stopped (reverse order) and
+        ``BootError`` is raised.
         """
         loop = asyncio.get_running_loop()
         if self._stop_fut is None:
@@ -205,23 +225,26 @@ class Supervisor:
             worker.runner = asyncio.create_task(self._run(worker), name=f"weatherlight.{spec.name}")
             worker.runner.add_done_callback(self._runner_done)
             await asyncio.wait(
-                {worker.ready, worker.runner, self._stop_fut},
+                {worker.booted, worker.runner, self._stop_fut},
                 timeout=spec.ready_timeout_s,
                 return_when=asyncio.FIRST_COMPLETED,
             )
-            if not worker.ready.done() or self._stop_reason is not None:
-                if self._stop_reason is not None:
-                    reason = f"stop requested during boot ({self._stop_reason})"
-                elif worker.runner.done():
-                    reason = f"{spec.name}: {worker.last_error or 'ended before it was ready'}"
-                else:
-                    reason = f"{spec.name}: not ready within {spec.ready_timeout_s}s"
+            if not worker.booted.done() or self._stop_reason is not None:
+                reason = self._boot_failure(worker)
                 self.log.error("boot aborted", worker=spec.name, reason=reason)
                 self._boot_error = reason
                 await self.shutdown(self.boot_abort_deadline_s)
                 raise BootError(reason)
-            self.log.info("worker ready", worker=spec.name)
         self._booted = True
+
+    def _boot_failure(self, w: _Worker) -> str:
+        if self._stop_reason is not None:
+            return f"stop requested during boot ({self._stop_reason})"
+        last = f"{w.last_error[0]}: {w.last_error[1]}" if w.last_error else None
+        if w.runner is not None and w.runner.done():
+            return f"{w.spec.name}: {last or 'ended before it started'}"
+        suffix = f" (last error: {last})" if last else ""
+        return f"{w.spec.name}: not up within {w.spec.ready_timeout_s}s{suffix}"
 
     # -- running -----------------------------------------------------------------
 
@@ -238,7 +261,7 @@ class Supervisor:
         while True:
             if self._stop_reason is not None:
                 return self._stop_reason
-            failed = self._failed_required()
+            failed = self.failed_required()
             if failed:
                 return f"required worker failed: {', '.join(failed)}"
             if all(w.runner is not None and w.runner.done() for w in self._workers.values()):
@@ -258,39 +281,51 @@ class Supervisor:
 
     async def _run(self, w: _Worker) -> None:
         """One worker's life: attempt, decide, back off, repeat."""
-        policy = w.spec.backoff or self.backoff
-        log = self.log.bind(worker=w.spec.name)
-        ctx = WorkerContext(w, log)
+        spec = w.spec
+        policy = spec.backoff or self.backoff
+        log = self.log.bind(worker=spec.name)
         level = 0
         while True:
             began = time.monotonic()
-            error = await self._attempt(w, ctx)
-            if error is not None:
-                self._record_error(w, error)
-                log.error("worker failed", error=w.last_error)
-            if w.stopping.is_set():
-                w.status = WorkerStatus.STOPPED
+            error, started = await self._attempt(w)
+            if w.stop.is_set():
+                if error is not None and not isinstance(error, asyncio.CancelledError):
+                    self._record(w, error, log, "worker failed while stopping")
+                if w.status is not WorkerStatus.FAILED:
+                    w.status = WorkerStatus.STOPPED
                 return
-            if not w.ready.done():  # boot step ended: done if clean (one-shot steps), else failed
-                if error is not None:
-                    w.status = WorkerStatus.FAILED
-                    return
-                w.ready.set_result(None)
-            if w.spec.restart is RestartPolicy.TEMPORARY or (
-                w.spec.restart is RestartPolicy.TRANSIENT and error is None
+            if error is None and not started and spec.restart is not RestartPolicy.PERMANENT:
+                log.info("worker completed")  # a one-shot step did its job
+                w.status = WorkerStatus.STOPPED
+                _resolve(w.booted)
+                return
+            if error is None and not started:
+                error = WorkerExited(f"{spec.name} returned before it started")
+            if error is not None:
+                self._record(w, error, log, "worker failed")
+            if spec.restart is RestartPolicy.TEMPORARY or (
+                spec.restart is RestartPolicy.TRANSIENT and error is None
             ):
                 w.status = WorkerStatus.STOPPED
-                log.info("worker finished", error=w.last_error if error else None)
+                log.info("worker finished", restarted=False)
+                self._wake.set()
                 return
+            if error is None:
+                log.info("worker returned; restarting it", restart=spec.restart.value)
             now = time.monotonic()
             if now - began >= policy.stable_s:
                 level = 0
             w.restart_times.append(now)
-            while w.restart_times and now - w.restart_times[0] > w.spec.max_restarts_window_s:
+            while w.restart_times and now - w.restart_times[0] > spec.max_restarts_window_s:
                 w.restart_times.popleft()
-            if len(w.restart_times) > w.spec.max_restarts:
+            if len(w.restart_times) > spec.max_restarts:
                 w.status = WorkerStatus.FAILED
-                log.error("restart intensity exceeded", restarts=w.restarts, required=w.spec.required)
+                log.error(
+                    "restart intensity exceeded",
+                    restarts=w.restarts,
+                    limit=f"{spec.max_restarts} in {spec.max_restarts_window_s}s",
+                    required=spec.required,
+                )
                 self._wake.set()
                 return
             delay = policy.delay(level, self._rng)
@@ -299,48 +334,92 @@ class Supervisor:
             w.delays.append(delay)
             log.info("worker backing off", delay_s=round(delay, 3))
             try:  # an event wait with a timeout: shutdown interrupts it at once
-                await asyncio.wait_for(w.stopping.wait(), delay)
+                await asyncio.wait_for(w.stop.wait(), delay)
                 w.status, w.backoff_s = WorkerStatus.STOPPED, 0.0
                 return
             except TimeoutError:
                 w.restarts += 1
 
-    async def _attempt(self, w: _Worker, ctx: WorkerContext) -> BaseException | None:
-        """Run one attempt under the watchdog; return its error (None for a clean return)."""
+    async def _attempt(self, w: _Worker) -> tuple[BaseException | None, bool]:
+        """Run one attempt with a fresh context: (its error or None, whether it had started)."""
+        spec = w.spec
+        ctx = WorkerContext(spec.name)
+        w.ctx = ctx
+        if w.stop.is_set():
+            ctx.stopping.set()
         w.status, w.backoff_s = WorkerStatus.STARTING, 0.0
-        w.started_at, w.last_heartbeat = time.time(), time.monotonic()
-        task = asyncio.create_task(_call(w.spec.factory, ctx), name=f"weatherlight.{w.spec.name}.attempt")
+        w.started_at = time.time()
+        task = asyncio.create_task(spec.run(ctx), name=f"weatherlight.{spec.name}.attempt")
         w.attempt = task
+        started = asyncio.ensure_future(ctx.wait_started())
         try:
-            await asyncio.sleep(0)  # let the attempt take its first step
-            if not w.spec.wait_ready and not task.done():
-                ctx.mark_ready()
-            timeout = w.spec.heartbeat_timeout_s
-            while not task.done():
-                left = None if timeout is None else w.last_heartbeat + timeout - time.monotonic()
-                if left is not None and left <= 0:
-                    task.cancel()
-                    await asyncio.wait({task}, timeout=w.spec.grace_s)
-                    if not task.done():  # hung and deaf to cancellation: account for it, move on
-                        self.log.error("hung worker ignored cancellation", worker=w.spec.name)
-                        self._abandon(task)
-                    return TimeoutError(f"watchdog timeout: no heartbeat for {timeout}s")
-                await asyncio.wait({task}, timeout=left)
+            await asyncio.wait(
+                {task, started}, timeout=spec.ready_timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+            if not ctx.is_started and not task.done():
+                await self._give_up(w, task, "did not start in time")
+                return TimeoutError(f"not started within {spec.ready_timeout_s}s"), False
+            if ctx.is_started:
+                w.status = WorkerStatus.RUNNING
+                _resolve(w.booted)
+                self.log.info("worker started", worker=spec.name)
+            error = await self._watch(w, ctx, task)
+            if error is not None:
+                return error, ctx.is_started
         finally:
+            started.cancel()
             if not task.done():  # the runner itself was cancelled; shutdown accounts for the attempt
                 task.cancel()
         if task.cancelled():
-            return asyncio.CancelledError("attempt cancelled")
-        return task.exception()
+            return asyncio.CancelledError("attempt cancelled"), ctx.is_started
+        error = task.exception()
+        return (unwrap(error) if error is not None else None), ctx.is_started
 
-    def _record_error(self, w: _Worker, error: BaseException) -> None:
-        w.last_error = _describe(error)
+    async def _watch(self, w: _Worker, ctx: WorkerContext, task: asyncio.Task[None]) -> BaseException | None:
+        """Wait for the attempt to end; cancel it when a component stays silent too long."""
+        timeout = w.spec.heartbeat_timeout_s
+        while not task.done():
+            if timeout is None or ctx.stopping.is_set():  # draining is judged by the grace period
+                await asyncio.wait({task})
+                break
+            component, silent_s = ctx.silence()
+            left = timeout - silent_s
+            if left <= 0:
+                self.log.error(
+                    "watchdog: component made no progress; restarting the worker",
+                    worker=w.spec.name,
+                    component=component,
+                    silent_s=round(silent_s, 3),
+                    limit_s=timeout,
+                )
+                await self._give_up(w, task, f"{component} silent")
+                return WatchdogTimeout(f"{component} made no progress for {silent_s:.1f}s (limit {timeout}s)")
+            await asyncio.wait({task}, timeout=left)
+        return None
+
+    async def _give_up(self, w: _Worker, task: asyncio.Task[None], why: str) -> None:
+        """Stop and cancel an attempt; one deaf to both is abandoned (and accounted for)."""
+        if w.ctx is not None:
+            w.ctx.stopping.set()
+        task.cancel()
+        await asyncio.wait({task}, timeout=w.spec.grace_s)
+        if not task.done():
+            self.log.error("attempt ignored cancellation; abandoning it", worker=w.spec.name, why=why)
+            self._abandon(task)
+
+    def _record(self, w: _Worker, error: BaseException, log: structlog.stdlib.BoundLogger, what: str) -> None:
+        w.last_error = (type(error).__name__, mask_url(str(error)))
         w.last_error_at = self._last_error_ts = time.time()
+        detail = f"{w.last_error[0]}: {w.last_error[1]}" if w.last_error[1] else w.last_error[0]
+        if isinstance(error, WatchdogTimeout | WorkerExited) or error.__traceback__ is None:
+            log.error(what, error=detail)
+        else:
+            log.error(what, error=detail, exc_info=error)
 
     def _runner_done(self, task: asyncio.Task[None]) -> None:
         """A runner ending wakes ``wait()``; a runner crashing is a supervisor bug, logged loudly."""
         if not task.cancelled() and task.exception() is not None:
-            self.log.error("worker runner crashed", task=task.get_name(), error=_describe(task.exception()))
+            self.log.error("worker runner crashed", task=task.get_name(), exc_info=task.exception())
             for w in self._workers.values():
                 if w.runner is task:
                     w.status = WorkerStatus.FAILED
@@ -357,7 +436,9 @@ class Supervisor:
         stragglers: list[str] = []
         for name in reversed(self._order):
             w = self._workers[name]
-            w.stopping.set()
+            w.stop.set()
+            if w.ctx is not None:
+                w.ctx.stopping.set()
             tasks = {t for t in (w.runner, w.attempt) if t is not None and not t.done()}
             if not tasks:
                 continue
@@ -383,7 +464,7 @@ class Supervisor:
             clean=not stragglers and not deadline_hit,
             deadline_hit=deadline_hit,
             stragglers=tuple(stragglers),
-            failed_required=self._failed_required(),
+            failed_required=self.failed_required(),
             boot_error=self._boot_error,
             elapsed_s=time.monotonic() - began,
         )
@@ -393,12 +474,16 @@ class Supervisor:
 
     def _abandon(self, task: asyncio.Task[None]) -> None:
         """Keep a reference to a straggler and log when (if ever) it finally ends."""
+        if task in self._abandoned:
+            return
         self._abandoned.add(task)
 
         def _finished(done: asyncio.Task[None]) -> None:
             self._abandoned.discard(done)
             error = None if done.cancelled() else done.exception()
-            self.log.warning("abandoned task finished", task=done.get_name(), error=_describe(error))
+            self.log.warning(
+                "abandoned task finished", task=done.get_name(), error=type(error).__name__ if error else None
+            )
 
         task.add_done_callback(_finished)
 
@@ -407,6 +492,10 @@ class Supervisor:
     @property
     def stopping(self) -> bool:
         return self._stopping
+
+    @property
+    def booted(self) -> bool:
+        return self._booted
 
     @property
     def abandoned(self) -> frozenset[asyncio.Task[None]]:
@@ -420,14 +509,13 @@ class Supervisor:
         return list(self._workers[name].delays)
 
     def snapshot(self) -> dict[str, Any]:
-        """Counts and per-worker state for ``/status`` and telemetry."""
+        """Counts and per-worker state for ``/status``, ``/metrics``, health and telemetry."""
         workers = [self._workers[n].view() for n in self._order]
         statuses = [w["status"] for w in workers]
         backing_off = statuses.count(WorkerStatus.BACKING_OFF.value)
         failed = statuses.count(WorkerStatus.FAILED.value)
         return {
-            "healthy": backing_off == 0 and failed == 0,
-            "ready": self._booted and not self._stopping and not self._failed_required(),
+            "booted": self._booted,
             "stopping": self._stopping,
             "uptime_s": round(time.monotonic() - self._started_mono, 3),
             "task_count": sum(1 for w in self._workers.values() if w.attempt and not w.attempt.done()),
@@ -439,17 +527,7 @@ class Supervisor:
             "workers": workers,
         }
 
-    async def readiness_check(self) -> tuple[bool, str]:
-        """A readiness check for the HTTP server: booted, not stopping, no required worker failed."""
-        snap = self.snapshot()
-        if snap["ready"]:
-            return True, "ok"
-        failed = self._failed_required()
-        if self._stopping:
-            return False, "stopping"
-        return False, f"failed: {', '.join(failed)}" if failed else "booting"
-
-    def _failed_required(self) -> tuple[str, ...]:
+    def failed_required(self) -> tuple[str, ...]:
         return tuple(
             n
             for n in self._order
@@ -457,8 +535,9 @@ class Supervisor:
         )
 
 
-async def _call(factory: Callable[[WorkerContext], Awaitable[None]], ctx: WorkerContext) -> None:
-    await factory(ctx)
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 async def _wait_all(tasks: set[asyncio.Task[None]], budget_s: float) -> None:
@@ -470,10 +549,3 @@ async def _wait_all(tasks: set[asyncio.Task[None]], budget_s: float) -> None:
         if all(t.done() for t in tasks):
             return
         await asyncio.sleep(0)
-
-
-def _describe(error: BaseException | None) -> str | None:
-    if error is None:
-        return None
-    text = str(error)
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -1,7 +1,9 @@
 """The service's own telemetry packet, built from live state (never sticky).
 
-Health is DEGRADED exactly while some worker is backing off or failed, or a
-breaker is open, and HEALTHY again as soon as that clears.
+Its health is the service's one verdict (:mod:`esper.weatherlight.health`):
+HEALTHY, DEGRADED while something optional is off or a worker is backing
+off, UNHEALTHY while a required path cannot work; it returns to HEALTHY as
+soon as the cause clears.
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ from typing import Any
 
 from esper.core.telemetry import TelemetryEvent, TelemetryMetric, build_telemetry_packet
 from esper.leyline import leyline_pb2
+from esper.weatherlight.health import HEALTHY, UNHEALTHY, Health
 
 _OPEN = leyline_pb2.CIRCUIT_STATE_OPEN
+_WARNING = leyline_pb2.TELEMETRY_LEVEL_WARNING
 
 
 def build_weatherlight_packet(
     snapshot: Mapping[str, Any],
+    health: Health,
     *,
     breaker_states: Mapping[str, int],
     extra_metrics: Mapping[str, float],
@@ -33,13 +38,13 @@ def build_weatherlight_packet(
         TelemetryMetric("weatherlight.restarts_total", float(snapshot["restarts_total"]), "count"),
         TelemetryMetric("weatherlight.workers.backing_off", float(snapshot["backing_off"]), "count"),
         TelemetryMetric("weatherlight.workers.failed", float(snapshot["failed"]), "count"),
+        TelemetryMetric("weatherlight.ready", 1.0 if health.ready else 0.0, "bool"),
     ]
     if snapshot.get("last_error_ts") is not None:
         metrics.append(
             TelemetryMetric("weatherlight.last_error_ts", float(snapshot["last_error_ts"]), "unix_s")
         )
     events: list[TelemetryEvent] = []
-    troubled: list[str] = []
     for worker in snapshot["workers"]:
         name = worker["name"]
         running = worker["status"] == "running"
@@ -51,37 +56,46 @@ def build_weatherlight_packet(
             ),
         ]
         if worker["status"] in ("backing_off", "failed"):
-            troubled.append(f"{name}:{worker['status']}")
+            error = worker.get("last_error") or {}
             events.append(
                 TelemetryEvent(
                     "worker_unhealthy",
-                    level=leyline_pb2.TELEMETRY_LEVEL_WARNING,
+                    level=_WARNING,
                     attributes={
                         "worker": name,
                         "status": worker["status"],
-                        "last_error": str(worker.get("last_error") or ""),
+                        "last_error": f"{error.get('type', '')}: {error.get('message', '')}" if error else "",
                     },
                 )
             )
     metrics += [TelemetryMetric(name, float(value)) for name, value in sorted(extra_metrics.items())]
     for name in open_breakers:
+        events.append(TelemetryEvent("breaker_open", level=_WARNING, attributes={"breaker": name}))
+    for problem in health.problems:
         events.append(
             TelemetryEvent(
-                "breaker_open", level=leyline_pb2.TELEMETRY_LEVEL_WARNING, attributes={"breaker": name}
+                "required_path_down", level=leyline_pb2.TELEMETRY_LEVEL_ERROR, attributes={"why": problem}
             )
         )
-    degraded = bool(troubled or open_breakers)
+    status = health.status
+    level = (
+        leyline_pb2.TELEMETRY_LEVEL_INFO
+        if status == HEALTHY
+        else leyline_pb2.TELEMETRY_LEVEL_ERROR
+        if status == UNHEALTHY
+        else _WARNING
+    )
     return build_telemetry_packet(
         source="weatherlight",
         packet_id=f"weatherlight-{uuid.uuid4().hex}",
-        level=leyline_pb2.TELEMETRY_LEVEL_WARNING if degraded else leyline_pb2.TELEMETRY_LEVEL_INFO,
+        level=level,
         metrics=metrics,
         events=events,
-        health_status=leyline_pb2.HEALTH_STATUS_DEGRADED if degraded else leyline_pb2.HEALTH_STATUS_HEALTHY,
-        health_summary=", ".join(troubled + [f"breaker:{b}" for b in open_breakers]) or "steady",
+        health_status=status,
+        health_summary=health.summary,
         health_indicators={
             "workers": str(len(snapshot["workers"])),
-            "system_mode": "degraded" if degraded else "operational",
+            "system_mode": {HEALTHY: "operational", UNHEALTHY: "unavailable"}.get(status, "degraded"),
             "built_at": f"{time.time():.3f}",
         },
     )
