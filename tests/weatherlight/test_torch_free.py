@@ -66,7 +66,7 @@ _BOOT_AND_DRIVE = textwrap.dedent(
         await service.start()
         booted = "torch" in sys.modules
         keyring = KeyRing(*settings.signing_secrets())
-        config = StreamConfig(group="trainer", consumer="trainer-1")
+        config = StreamConfig(instance="trainer-1")
         trainer = OonaClient(settings.redis_url, config, keyring, name="trainer")
         try:
             state = L.SystemStatePacket(version=1, current_epoch=1, validation_loss=0.9,

@@ -27,6 +27,7 @@ from torch import nn
 
 from esper import __version__
 from esper.core.redis_server import embedded_url
+from esper.core.worker import running
 from esper.karn import KarnCatalog
 from esper.kasmina import (
     AlphaSchedule,
@@ -230,7 +231,7 @@ async def test_training_process_gets_kernel_from_service_and_attaches(
 
     keyring = KeyRing(SECRET.encode())
     library = UrzaLibrary(urza, f"sqlite:///{urza / 'catalog.db'}")
-    client = OonaClient(redis_url, StreamConfig(group="trainer", consumer="trainer-1", block_ms=200), keyring)
+    client = OonaClient(redis_url, StreamConfig(instance="trainer-1", block_ms=200), keyring)
     manager = KasminaSeedManager(
         runtime=UrzaRuntime(library),
         keys=keyring,
@@ -246,19 +247,11 @@ async def test_training_process_gets_kernel_from_service_and_attaches(
     )
     intake = KasminaCommandIntake(client, manager)
     try:
-        async with asyncio.TaskGroup() as group:
-            group.create_task(coordinator.run())
-            group.create_task(intake.run())
-            try:
-                async with asyncio.timeout(20.0):
-                    await coordinator.ready.wait()
-                    await intake.ready.wait()
-                    # Germinate over the bus: the command reaches this process's intake ...
-                    assert (await client.publish_command(germinate(keyring, "seed-1", "BP009"))).ok
-                    await coordinator.handled.wait()
-            finally:
-                await intake.stop()
-                await coordinator.stop()
+        async with running(coordinator.run, "coordinator"), running(intake.run, "intake"):
+            async with asyncio.timeout(20.0):
+                # Germinate over the bus: the command reaches this process's intake ...
+                assert (await client.publish_command(germinate(keyring, "seed-1", "BP009"))).ok
+                await coordinator.handled.wait()
     finally:
         await client.aclose()
         library.close()

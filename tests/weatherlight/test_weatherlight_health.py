@@ -59,7 +59,9 @@ async def test_readyz_is_503_while_a_required_publish_breaker_is_open_and_200_af
 ) -> None:
     server = redis_server_factory()
     service = WeatherlightService(
-        make_settings(tmp_path, server.url), bus_overrides={"breaker_timeout_ms": 1500}, backoff=FAST
+        make_settings(tmp_path, server.url),
+        bus_overrides={"breaker_open_ms": 1500, "breaker_open_max_ms": 1500},
+        backoff=FAST,
     )
     admin = aioredis.Redis.from_url(server.url)
     try:
@@ -73,7 +75,8 @@ async def test_readyz_is_503_while_a_required_publish_breaker_is_open_and_200_af
             async def breaker_open() -> bool:
                 code, body = await readyz(port)
                 seen.append(body)
-                return code == 503 and "[-]bus failed: service.publish breaker open" in body
+                bus_line = next((line for line in body.splitlines() if line.startswith("[-]bus failed:")), "")
+                return code == 503 and "service.publish breaker open" in bus_line
 
             await eventually(
                 breaker_open, "the telemetry publishes to open the service breaker", every_s=0.05
@@ -86,7 +89,9 @@ async def test_readyz_is_503_while_a_required_publish_breaker_is_open_and_200_af
             )
             health = (await status_of(service))["health"]
             assert health["status"] == "UNHEALTHY"
-            assert "bus: service.publish breaker open" in health["problems"]
+            assert any(
+                p.startswith("bus: ") and "service.publish breaker open" in p for p in health["problems"]
+            )
 
             await admin.execute_command("REPLICAOF", "NO", "ONE")  # writable again
             bodies: list[tuple[int, str]] = []
@@ -138,9 +143,7 @@ async def test_a_wedged_consumer_next_to_an_idle_one_is_restarted(tmp_path: Path
     WedgingWarmer.wedged = asyncio.Event()
     service = WedgeService(make_settings(tmp_path, redis_url), backoff=FAST)
     async with serving(service):
-        publisher = OonaClient(
-            redis_url, StreamConfig(group="forge", consumer="forge-1"), KeyRing(SECRET.encode())
-        )
+        publisher = OonaClient(redis_url, StreamConfig(instance="forge-1"), KeyRing(SECRET.encode()))
         try:
             update = L.KernelCatalogUpdate(blueprint_id="BP404")
             assert (await publisher.publish_kernel_catalog_update(update)).ok

@@ -127,9 +127,19 @@ async def test_boots_in_documented_order_serves_probes_and_stops_cleanly(
         assert status["health"]["ready"] is True
         assert status["redis"] == "external"
 
-        # The groups step really created the consumer groups on the real server.
-        groups = {g["name"].decode() for g in await redis_client.xinfo_groups(REQUESTS)}
-        assert {"weatherlight", "kasmina", "tamiyo"} <= groups
+        # Each subscription made its group on the stream it reads, and only there.
+        async def groups_of(stream: str) -> set[str]:
+            if not await redis_client.exists(stream):
+                return set()
+            return {g["name"].decode() for g in await redis_client.xinfo_groups(stream)}
+
+        assert service.instance == "weatherlight-0"
+        assert await groups_of(REQUESTS) == {"urza-prefetch"}
+        assert await groups_of("oona.normal") == {"tamiyo"}
+        assert await groups_of("oona.emergency") == {"weatherlight-emergency"}
+        assert await groups_of("oona.policy") == {"tamiyo-policy.weatherlight-0"}
+        for unread in ("oona.telemetry", "oona.kernels.ready", "oona.kernels.errors", "oona.deadletter"):
+            assert await groups_of(unread) == set(), unread
         # The Urza library step really opened the SQLite catalogue.
         assert (tmp_path / "c.db").exists()
 
@@ -267,7 +277,7 @@ async def test_crashed_worker_restarts_with_backoff_and_health_recovers(
         assert L.HEALTH_STATUS_HEALTHY in [h for h, _ in health[first_bad:]]
 
         # The restarted worker really serves requests again: a request gets its reply.
-        client = OonaClient(redis_url, StreamConfig(group="trainer", consumer="trainer-1"), keyring)
+        client = OonaClient(redis_url, StreamConfig(instance="trainer-1"), keyring)
         try:
             request = L.KernelPrefetchRequest(request_id="after-recovery", blueprint_id="BP404")
             request.issued_at.GetCurrentTime()
@@ -417,7 +427,8 @@ async def test_readyz_is_503_while_redis_is_down_and_200_after_it_returns(
     server = redis_server_factory(append_only=True)
     # A short breaker window: after the outage the publish paths are probed again within a second.
     service = WeatherlightService(
-        make_settings(tmp_path, server.url), bus_overrides={"breaker_timeout_ms": 1000}
+        make_settings(tmp_path, server.url),
+        bus_overrides={"breaker_open_ms": 1000, "breaker_open_max_ms": 1000},
     )
     async with serving(service):
         port = service.http.port
@@ -456,7 +467,7 @@ async def test_readyz_is_503_while_redis_is_down_and_200_after_it_returns(
             groups = {g["name"].decode() for g in await redis.xinfo_groups(REQUESTS)}
         finally:
             await redis.aclose()
-        assert "weatherlight" in groups
+        assert "urza-prefetch" in groups
 
         # The bus works again within seconds (consumers' breakers probe quickly):
         # a kernel request sent now is answered.

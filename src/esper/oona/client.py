@@ -317,7 +317,7 @@ class OonaClient:
         found = list(self.link.health.problems())
         for breaker in (self.link.publish_breaker, self.link.consume_breaker):
             if breaker.state == OPEN:
-                found.append(f"breaker {breaker.name} is open")
+                found.append(f"{breaker.name} breaker open")
         return found
 
     async def probe(self, timeout_s: float = 1.0) -> str | None:

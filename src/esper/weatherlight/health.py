@@ -117,16 +117,13 @@ def judge(
 
 
 def bus_problems(clients: Mapping[str, OonaClient]) -> list[str]:
-    """What keeps a required publish path from working, per role client.
+    """What keeps a bus path from working, as each role's client reports it.
 
-    Today: a role whose publish breaker is open. This is the one place that
-    asks the bus; when Oona can report its own problems, point it there.
+    An open publish breaker, commits (acknowledgements, replies, dead
+    letters) the server refuses, a reader that cannot read: each is a path
+    the service needs (see ``OonaClient.problems``).
     """
-    return [
-        f"{client.publish_breaker.name} breaker open"
-        for _role, client in sorted(clients.items())
-        if client.publish_breaker.state == OPEN
-    ]
+    return [problem for _role, client in sorted(clients.items()) for problem in client.problems()]
 
 
 async def probe_redis(redis: Redis | None) -> Check:

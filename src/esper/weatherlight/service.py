@@ -1,8 +1,9 @@
 """Weatherlight: boots the control plane in order and supervises it.
 
 Boot order (each step gates the next; see ``WeatherlightService.specs``):
-HTTP probes → embedded Redis (only without ``REDIS_URL``) → Oona (consumer
-groups, and the service's own client) → Urza library → Urza prefetch worker
+HTTP probes → embedded Redis (only without ``REDIS_URL``) → Oona (this
+replica's instance name, leased in Redis, and the service's own client) →
+Urza library → Urza prefetch worker
 → Kasmina kernel warmer → Tamiyo (system states and policy updates) →
 emergency-stream consumer → telemetry → housekeeping → systemd watchdog
 (only when systemd asked for one). Shutdown runs in reverse, so the HTTP
@@ -23,7 +24,7 @@ from collections import Counter as Tally
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from typing import Any, Protocol
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from redis.exceptions import RedisError
@@ -34,10 +35,18 @@ from esper.core.logs import get_logger
 from esper.core.redis_server import RedisServer, ServerOptions, embedded_options
 from esper.core.settings import EsperSettings
 from esper.core.telemetry import indicated_priority
-from esper.core.worker import WorkerContext, WorkerExited
+from esper.core.worker import WorkerContext
 from esper.kasmina.warmer import KernelWarmer
 from esper.leyline import leyline_pb2
-from esper.oona import OonaClient, OonaMessage, OonaMetrics, StreamConfig
+from esper.oona import (
+    InstanceLease,
+    OonaClient,
+    OonaMessage,
+    OonaMetrics,
+    StreamConfig,
+    connect,
+    instance_token,
+)
 from esper.security import KeyRing
 from esper.tamiyo import TamiyoController
 from esper.tamiyo.metadata import UrzaBlueprintMetadata
@@ -58,17 +67,13 @@ from esper.weatherlight.supervisor import (
 from esper.weatherlight.telemetry import build_weatherlight_packet
 
 _log = get_logger("esper.weatherlight")
+#: Instance names of control-plane replicas are ``weatherlight-<n>``.
+INSTANCE_SERVICE = "weatherlight"
 #: A consumer reads with a 1 s block, so an idle one progresses every second; a minute of silence is a wedge.
 CONSUMER_HEARTBEAT_S = 60.0
 _ALL_TYPES = frozenset(v for v in leyline_pb2.BusMessageType.values() if v)
-#: role -> consumer group. Each role's worker has its own client; "service" is the Oona step's.
-_ROLES = {
-    "prefetch": "weatherlight",
-    "kasmina": "kasmina",
-    "tamiyo": "tamiyo",
-    "emergency": "weatherlight",
-    "service": "weatherlight",
-}
+#: The group that reads the emergency stream (every other group belongs to its component).
+EMERGENCY_GROUP = "weatherlight-emergency"
 #: Room for the signed envelope around Oona's largest payload, for the server's bulk limit.
 _ENVELOPE_MARGIN_BYTES = 64 * 1024
 
@@ -120,6 +125,8 @@ class WeatherlightService:
         self.emergencies: Tally[str] = Tally()
         self.housekeeping_skipped = 0
         self.last_health: Health | None = None
+        #: This replica's consumer name in every group (``OONA_CONSUMER_NAME`` or a leased slot).
+        self.instance: str | None = settings.oona_consumer_name
         self._ticks = 0
 
     # -- composition ---------------------------------------------------------------
@@ -168,7 +175,9 @@ class WeatherlightService:
         return specs
 
     def _config(self, role: str) -> StreamConfig:
-        config = StreamConfig.from_settings(self.settings, group=_ROLES[role], consumer_prefix=role)
+        if self.instance is None:
+            raise RuntimeError("the instance name is leased by the oona step")
+        config = StreamConfig.from_settings(self.settings, instance=self.instance)
         if role == "service":
             # Telemetry must never stall its worker waiting for a breaker.
             config = replace(config, publish_breaker_wait_ms=100)
@@ -220,12 +229,30 @@ class WeatherlightService:
             _log.info("embedded redis stopped", pid=pid)
 
     async def _run_oona(self, ctx: WorkerContext) -> None:
-        """Create every role's consumer groups, then hold the service's own client until the end."""
-        async with self._role_client("service") as client:
-            for group in sorted(set(_ROLES.values())):
-                await client.ensure_consumer_groups(group)
-            ctx.started()
-            await ctx.wait_stopping()
+        """Lease this replica's instance name, then hold the service's own client until the end.
+
+        The lease's token lives in the var dir, so a restart of this replica
+        (even after kill -9) gets its name back and resumes its own pending
+        entries at once; the lease is renewed while the service runs.
+        """
+        if self.settings.oona_consumer_name:
+            async with self._role_client("service"):
+                ctx.started()
+                await ctx.wait_stopping()
+            return
+        lease_redis = connect(self.redis_url, StreamConfig(instance=INSTANCE_SERVICE))
+        try:
+            token = instance_token(self.settings.var_dir / "instance-token")
+            lease = InstanceLease(lease_redis, INSTANCE_SERVICE, token)
+            self.instance = await lease.acquire()
+            async with self._role_client("service"):
+                try:
+                    await lease.run(ctx)
+                finally:
+                    if ctx.stopping.is_set():
+                        await lease.release()
+        finally:
+            await lease_redis.aclose()
 
     async def _run_library(self, ctx: WorkerContext) -> None:
         registry = self.attempt_metrics.fresh("urza_library")
@@ -239,19 +266,18 @@ class WeatherlightService:
                 self.library = None
             await asyncio.to_thread(library.close)
 
-    # -- bus workers (through the bridge below) -------------------------------------
+    # -- bus workers ---------------------------------------------------------------
 
     async def _run_prefetch(self, ctx: WorkerContext) -> None:
         async with self._role_client("prefetch") as client:
             registry = self.attempt_metrics.fresh("urza_prefetch")
             self.prefetch = UrzaPrefetchWorker(client, self._need_library(), registry=registry)
-            await _run_legacy(ctx, [self.prefetch], {"requests": self.prefetch.consumer})
+            await self.prefetch.run(ctx)
 
     async def _run_warmer(self, ctx: WorkerContext) -> None:
         async with self._role_client("kasmina") as client:
             self.warmer = self._warmer(client, self._need_library())
-            commands, catalog = self.warmer.commands, self.warmer.catalog
-            await _run_legacy(ctx, [commands, catalog], {"commands": commands, "catalog": catalog})
+            await self.warmer.run(ctx)
 
     def _warmer(self, client: OonaClient, library: UrzaLibrary) -> KernelWarmer:
         return KernelWarmer(client, library)
@@ -263,13 +289,14 @@ class WeatherlightService:
                 TamiyoController.from_settings, self.settings, self.keyring, metadata
             )
             self.tamiyo = TamiyoService(client, controller)
-            states, policy = self.tamiyo.consumers
-            await _run_legacy(ctx, [self.tamiyo], {"states": states, "policy": policy})
+            await self.tamiyo.run(ctx)
 
     async def _run_emergency(self, ctx: WorkerContext) -> None:
         async with self._role_client("emergency") as client:
-            consumer = client.consumer(client.config.emergency_stream, self._on_emergency, types=_ALL_TYPES)
-            await _run_legacy(ctx, [consumer], {"emergency": consumer})
+            subscription = client.subscribe(
+                client.config.emergency_stream, EMERGENCY_GROUP, self._on_emergency, types=_ALL_TYPES
+            )
+            await subscription.run(ctx)
 
     async def _on_emergency(self, message: OonaMessage) -> None:
         kind = leyline_pb2.BusMessageType.Name(message.message_type).removeprefix("BUS_MESSAGE_TYPE_").lower()
@@ -358,20 +385,20 @@ class WeatherlightService:
         try:
             if client is None:
                 raise ConnectionError("oona is not connected")
-            trimmed = await client.housekeeping()
-            await client.refresh_depths()
+            report = await client.housekeeping()
         except (RedisError, OSError) as exc:
             self.housekeeping_skipped += 1
             _log.warning("weatherlight.housekeeping_skipped", error=type(exc).__name__)
         else:
-            if any(trimmed.values()):
-                _log.info("weatherlight.trimmed", **{k: v for k, v in trimmed.items() if v})
+            trimmed = {stream: n for stream, n in report.trimmed.items() if n}
+            if trimmed or report.consumers_removed:
+                _log.info("weatherlight.trimmed", consumers_removed=report.consumers_removed, **trimmed)
         if ctx is not None:
             ctx.progress()
         self._ticks += 1
         if self.library is not None and self._ticks % self.maintenance_every == 0:
-            report = await self.library.amaintenance()
-            _log.info("weatherlight.urza_maintenance", report=str(report))
+            swept = await self.library.amaintenance()
+            _log.info("weatherlight.urza_maintenance", report=str(swept))
 
     # -- health and status ---------------------------------------------------------
 
@@ -432,7 +459,7 @@ class WeatherlightService:
         self.lock.acquire()
         try:
             if self.settings.redis_url is None:
-                bulk = StreamConfig(group="-", consumer="-").max_payload_bytes + _ENVELOPE_MARGIN_BYTES
+                bulk = StreamConfig(instance="-").max_payload_bytes + _ENVELOPE_MARGIN_BYTES
                 self.embedded_options = embedded_options(self.settings.var_dir, max_bulk_bytes=bulk)
             await self.supervisor.start(self.specs())
         except BaseException:
@@ -450,59 +477,3 @@ class WeatherlightService:
     def close(self) -> None:
         """Release the var dir (every worker has closed what it opened by now)."""
         self.lock.release()
-
-
-# -- bridge for bus components that predate the worker contract ---------------------------------
-# Delete this section when UrzaPrefetchWorker, KernelWarmer, TamiyoService and Oona's consumers
-# take a WorkerContext themselves; their workers then call ``component.run(ctx)`` directly.
-
-
-class _Legacy(Protocol):
-    async def run(self) -> None: ...
-
-    async def stop(self) -> None: ...
-
-
-class _Counted(Protocol):
-    iterations: int
-
-
-_BRIDGE_TICK_S = 1.0  # consumers iterate at least once per 1 s block when idle
-
-
-async def _run_legacy(
-    ctx: WorkerContext, components: Sequence[_Legacy], progress: Mapping[str, _Counted]
-) -> None:
-    """Run old-shape components (``run()``/``stop()``) under ``ctx`` until it stops.
-
-    Each consumer in ``progress`` gets its own child context, moved on when
-    its loop count (``iterations``) moves, so the watchdog judges every
-    consumer on its own. The worker has started once every consumer has
-    begun its first read. A component ending on its own ends the worker
-    with its error (or ``WorkerExited``).
-    """
-    children = {name: ctx.child(name) for name in progress}
-    seen = dict.fromkeys(progress, 0)
-    async with asyncio.TaskGroup() as group:
-        runs = [group.create_task(c.run(), name=f"{ctx.name}.{i}") for i, c in enumerate(components)]
-        stopping = group.create_task(ctx.stopping.wait(), name=f"{ctx.name}.stopping")
-        while True:
-            wait_s = _BRIDGE_TICK_S if ctx.is_started else 0.02  # notice the start promptly
-            done, _ = await asyncio.wait(
-                [*runs, stopping], timeout=wait_s, return_when=asyncio.FIRST_COMPLETED
-            )
-            for name, counted in progress.items():
-                if counted.iterations != seen[name]:
-                    seen[name] = counted.iterations
-                    children[name].progress()
-            if not ctx.is_started and all(seen.values()):
-                ctx.started()
-            if stopping in done:
-                for component in components:
-                    await component.stop()
-                return
-            if done:
-                stopping.cancel()
-                for task in done:
-                    task.result()  # a component's own error
-                raise WorkerExited(f"{ctx.name}: a component returned while it should be running")
