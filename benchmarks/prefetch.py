@@ -24,6 +24,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from esper.core.redis_server import RedisServer, ServerOptions
+from esper.core.worker import running
 from esper.karn import KarnCatalog
 from esper.leyline import leyline_pb2 as pb
 from esper.oona import OonaClient, OonaMessage, StreamConfig
@@ -58,16 +59,11 @@ def populate(root: Path) -> str:
 def worker_process(url: str, root: str, database: str, control: Connection) -> None:
     async def main() -> None:
         library = UrzaLibrary(Path(root) / "artifacts", database, registry=CollectorRegistry())
-        client = OonaClient(
-            url, StreamConfig(group="weatherlight", consumer="urza-bench", block_ms=500), KeyRing(SECRET)
-        )
-        await client.ensure_consumer_groups()
+        client = OonaClient(url, StreamConfig(instance="urza-bench", block_ms=500), KeyRing(SECRET))
         worker = UrzaPrefetchWorker(client, library, concurrency=32, batch=128)
-        async with asyncio.TaskGroup() as group:
-            group.create_task(worker.run())
+        async with running(worker.run, "prefetch"):
             control.send("ready")
             await asyncio.to_thread(control.recv)
-            await worker.stop()
         control.send(worker.metrics_snapshot())
         await client.aclose()
         library.close()
@@ -76,9 +72,7 @@ def worker_process(url: str, root: str, database: str, control: Connection) -> N
 
 
 async def requester(url: str) -> tuple[list[float], float]:
-    client = OonaClient(
-        url, StreamConfig(group="trainer", consumer="bench-trainer", block_ms=500), KeyRing(SECRET)
-    )
+    client = OonaClient(url, StreamConfig(instance="bench-trainer", block_ms=500), KeyRing(SECRET))
     waiting: dict[str, asyncio.Future[float]] = {}
 
     async def on_ready(message: OonaMessage) -> None:
@@ -102,9 +96,7 @@ async def requester(url: str) -> tuple[list[float], float]:
         return (await asyncio.wait_for(future, 30)) - started
 
     consumer = client.broadcast("oona.kernels.ready", on_ready, types={READY}, batch=256)
-    async with asyncio.TaskGroup() as group:
-        group.create_task(consumer.run())
-        await consumer.ready.wait()
+    async with running(consumer.run, "replies"):
         for i in range(50):  # warm-up: connections, caches, verified-file memo
             await ask(i)
         serial = []
@@ -123,7 +115,6 @@ async def requester(url: str) -> tuple[list[float], float]:
             for i in range(N):
                 burst.create_task(bounded(i))
         rate = N / (time.perf_counter() - started)
-        await consumer.stop()
     await client.aclose()
     return serial, rate
 

@@ -31,7 +31,7 @@ def library(tmp_path: Path) -> UrzaLibrary:
 
 @pytest.fixture
 async def warmer(redis_url: str, library: UrzaLibrary) -> AsyncIterator[KernelWarmer]:
-    config = StreamConfig(group="kasmina", consumer="kasmina-1")
+    config = StreamConfig(instance="kasmina-1")
     client = OonaClient(redis_url, config, KeyRing(b"warmer-test-secret-0123456789abcdef"))
     fresh = UrzaLibrary(library.root, library.database_url)  # as the service opens it: nothing verified yet
     try:
