@@ -88,9 +88,9 @@ async def test_refused_commit_is_retried_without_re_deciding(
     evaluated: list[str] = []
 
     class CountingController(TamiyoController):
-        def evaluate(self, state: L.SystemStatePacket) -> Any:
+        def evaluate(self, state: L.SystemStatePacket, run: Any = None) -> Any:
             evaluated.append(state.packet_id)
-            return super().evaluate(state)
+            return super().evaluate(state, run)
 
     controller = CountingController(
         keyring, KarnCatalog(), registry=TamiyoPolicyRegistry(germinate_policy(), policy_dir=tmp_path)

@@ -194,19 +194,21 @@ class TamiyoController:
         return report
 
     # -- the decision -----------------------------------------------------
-    def evaluate(self, state: leyline_pb2.SystemStatePacket) -> Decision:
+    def evaluate(self, state: leyline_pb2.SystemStatePacket, run: RunState | None = None) -> Decision:
         """Decide on one packet; never raises for bad metadata (it becomes an event).
 
-        Calls are serialised by a lock so per-run history stays consistent
-        when the service evaluates from worker threads.
+        ``run`` is the run's history when the caller keeps it (replicas share
+        it in Redis, see :mod:`esper.tamiyo.shared_runs`); it is updated in
+        place. Without it the controller's own in-memory table is used.
+        Calls are serialised by a lock so history stays consistent when the
+        service evaluates from worker threads.
         """
         with self._evaluate_lock:
-            return self._evaluate(state)
+            return self._evaluate(state, run if run is not None else self._runs.get(state.training_run_id))
 
-    def _evaluate(self, state: leyline_pb2.SystemStatePacket) -> Decision:
+    def _evaluate(self, state: leyline_pb2.SystemStatePacket, run: RunState) -> Decision:
         cfg = self.config
         run_id = state.training_run_id
-        run = self._runs.get(run_id)
         loss_trend = None if run.previous_loss is None else float(state.validation_loss) - run.previous_loss
         features = feature_values(state, loss_trend)
         policy, version = self.registry.policy, self.registry.version

@@ -93,6 +93,7 @@ def build_decision_telemetry(
         "action": output.action.name.lower(),
         "conservative_mode": "1" if conservative else "0",
         "training_run_id": state.training_run_id,
+        "packet_id": state.packet_id[:128],
     }
     if descriptor is not None:
         indicators["blueprint_tier"] = leyline_pb2.BlueprintTier.Name(descriptor.tier)

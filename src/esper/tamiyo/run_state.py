@@ -9,11 +9,14 @@ authority on which seeds exist and in which stage.
 
 from __future__ import annotations
 
+import base64
 import re
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from google.protobuf.message import DecodeError
 
 from esper.leyline import leyline_pb2
 from esper.tamiyo.policy import PolicyAction
@@ -56,6 +59,54 @@ class RunState:
     previous_accuracy: float | None = None
     last_epoch: int = 0
     pending: PendingCommand | None = field(default=None)
+
+
+def encode_run(run: RunState) -> dict[str, object]:
+    """A JSON-ready view of ``run`` (the pending command as its serialized bytes)."""
+    pending = run.pending
+    return {
+        "previous_loss": run.previous_loss,
+        "previous_accuracy": run.previous_accuracy,
+        "last_epoch": run.last_epoch,
+        "pending": None
+        if pending is None
+        else {
+            "command": base64.b64encode(pending.command.SerializeToString(deterministic=True)).decode(),
+            "action": int(pending.action),
+            "blueprint_index": pending.blueprint_index,
+            "features": [float(v) for v in pending.features],
+            "validation_loss": pending.validation_loss,
+            "validation_accuracy": pending.validation_accuracy,
+        },
+    }
+
+
+def decode_run(view: dict[str, object]) -> RunState:
+    """The inverse of :func:`encode_run`; ``ValueError`` for anything malformed."""
+    try:
+        raw = view.get("pending")
+        pending = None
+        if raw is not None:
+            if not isinstance(raw, dict):
+                raise ValueError("pending is not an object")
+            command = leyline_pb2.AdaptationCommand.FromString(base64.b64decode(raw["command"]))
+            pending = PendingCommand(
+                command=command,
+                action=PolicyAction(int(raw["action"])),
+                blueprint_index=int(raw["blueprint_index"]),
+                features=[float(v) for v in raw["features"]],
+                validation_loss=float(raw["validation_loss"]),
+                validation_accuracy=float(raw["validation_accuracy"]),
+            )
+        loss, accuracy = view.get("previous_loss"), view.get("previous_accuracy")
+        return RunState(
+            previous_loss=None if loss is None else float(loss),  # type: ignore[arg-type]
+            previous_accuracy=None if accuracy is None else float(accuracy),  # type: ignore[arg-type]
+            last_epoch=int(view.get("last_epoch") or 0),  # type: ignore[call-overload]
+            pending=pending,
+        )
+    except (KeyError, TypeError, ValueError, DecodeError) as exc:
+        raise ValueError(f"malformed run state: {type(exc).__name__}") from None
 
 
 class RunStateTable:

@@ -20,11 +20,15 @@ Two subscriptions:
   ``persist_failed`` is the exception: a disk problem, raised as an ordinary
   failure and retried.
 
-Idempotency: a state packet may be delivered again (its consumer died before
-committing, or the commit was refused). Decisions are remembered by the
-digest of the packet's bytes, so the same packet handled again in this
-process yields the same replies without touching the run's history a second
-time. Applying a policy update is idempotent by version.
+Replicas and idempotency: a run's history lives in Redis
+(:mod:`esper.tamiyo.shared_runs`), and a packet is decided only while its
+run's lock is held, so consecutive packets of one run give the same decisions
+whichever replica receives them (a packet arriving while another replica
+decides on the same run is retried shortly). The history also remembers the
+last packet decided and its replies: a packet delivered again (its consumer
+died, or its commit was refused, after the decision) yields the same replies,
+from any replica, without touching the history a second time. Applying a
+policy update is idempotent by version.
 
 Run as a worker: ``await service.run(ctx)`` (both subscriptions as children).
 """
@@ -33,13 +37,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections import Counter, OrderedDict
+from collections import Counter
 
 from esper.core import get_logger
 from esper.core.worker import WorkerContext, run_children
 from esper.leyline import leyline_pb2
 from esper.oona import OonaClient, OonaMessage, RejectMessage, Reply, Subscription
 from esper.tamiyo.controller import TamiyoController
+from esper.tamiyo.shared_runs import SharedRuns
 
 _LOG = get_logger(__name__)
 _STATE = leyline_pb2.BUS_MESSAGE_TYPE_SYSTEM_STATE
@@ -73,13 +78,11 @@ class TamiyoService:
         controller: TamiyoController,
         *,
         policy_max_age_s: float | None = None,
-        memory: int = 256,
     ) -> None:
         self.client = client
         self.controller = controller
         self.policy_max_age_s = policy_max_age_s
-        self._memory = max(1, memory)
-        self._decided: OrderedDict[str, tuple[Reply, ...]] = OrderedDict()
+        self.runs = SharedRuns(client)
         self._counts: Counter[str] = Counter()
         config = client.config
         self.states: Subscription = client.subscribe(
@@ -96,32 +99,30 @@ class TamiyoService:
     # ------------------------------------------------------------------ handlers
     async def handle_state(self, message: OonaMessage) -> tuple[Reply, ...]:
         """Evaluate one SystemStatePacket; its command, field report and telemetry are the replies."""
-        key = hashlib.sha256(message.payload).hexdigest()
-        remembered = self._decided.get(key)
-        if remembered is not None:
-            self._counts["states_redelivered"] += 1
-            return remembered
+        digest = hashlib.sha256(message.payload).hexdigest()
         state = message.decode(leyline_pb2.SystemStatePacket)
-        try:
-            decision = await asyncio.to_thread(self.controller.evaluate, state)
-        except Exception:
-            self._counts["evaluate_failed"] += 1
-            raise
-        self._counts["states_evaluated"] += 1
-        replies: list[Reply] = []
-        if decision.command is not None:
-            replies.append(Reply(_COMMAND, decision.command))
-            self._counts["commands"] += 1
-        else:
-            self._counts["decisions_without_command"] += 1
-        if decision.field_report is not None:
-            replies.append(Reply(_REPORT, decision.field_report))
-            self._counts["field_reports"] += 1
-        replies += _telemetry_replies(self.controller.drain_telemetry())
-        result = tuple(replies)
-        self._decided[key] = result
-        while len(self._decided) > self._memory:
-            self._decided.popitem(last=False)
+        async with self.runs.hold(state.training_run_id) as (held, token):
+            if held.last_digest == digest:
+                self._counts["states_redelivered"] += 1
+                return held.last_replies
+            try:
+                decision = await asyncio.to_thread(self.controller.evaluate, state, held.state)
+            except Exception:
+                self._counts["evaluate_failed"] += 1
+                raise
+            self._counts["states_evaluated"] += 1
+            replies: list[Reply] = []
+            if decision.command is not None:
+                replies.append(Reply(_COMMAND, decision.command))
+                self._counts["commands"] += 1
+            else:
+                self._counts["decisions_without_command"] += 1
+            if decision.field_report is not None:
+                replies.append(Reply(_REPORT, decision.field_report))
+                self._counts["field_reports"] += 1
+            replies += _telemetry_replies(self.controller.drain_telemetry())
+            result = tuple(replies)
+            await self.runs.save(held, token, digest, result)
         return result
 
     async def handle_policy(self, message: OonaMessage) -> list[Reply]:
