@@ -14,7 +14,7 @@ from esper.karn import KarnCatalog
 from esper.leyline import leyline_pb2
 from esper.oona import OonaClient
 from esper.security import KeyRing
-from esper.tamiyo import TamiyoController, TamiyoPolicyRegistry, TamiyoService
+from esper.tamiyo import TamiyoController, TamiyoPolicyRegistry, TamiyoService, encode_policy
 
 L = leyline_pb2
 # Validation loss per epoch: a fall, a rise, a spike (> 0.15), recovery.
@@ -120,3 +120,49 @@ async def test_three_replicas_decide_exactly_as_one(
     # The sequence exercised the history: a spike pause and field reports of earlier commands.
     assert any("loss_spike" in summary for _a, summary, _s, _d in alone)
     assert any(effect[0] == "report" for effect in alone_effects)
+
+
+async def accepted_updates(redis: aioredis.Redis, count: int) -> list[str]:
+    """Block until ``count`` policy_update_accepted telemetry packets exist; the sources' instances."""
+    seen: list[str] = []
+    last = "0-0"
+    async with asyncio.timeout(LIMIT_S):
+        while len(seen) < count:
+            for _s, entries in await redis.xread({"oona.telemetry": last}, block=500) or []:
+                for entry_id, fields in entries:
+                    last = entry_id.decode()
+                    kind, payload = decoded(fields)
+                    if kind == L.BUS_MESSAGE_TYPE_TELEMETRY:
+                        packet = L.TelemetryPacket.FromString(payload)
+                        if any(e.description == "policy_update_accepted" for e in packet.events):
+                            seen.append(packet.packet_id)
+    return seen
+
+
+async def test_every_replica_applies_a_policy_update_and_a_late_one_catches_up(
+    make_client: Callable[..., OonaClient], keyring: KeyRing, tmp_path: Path, redis_client: aioredis.Redis
+) -> None:
+    def replica(name: str) -> TamiyoService:
+        registry = TamiyoPolicyRegistry(germinate_policy(), policy_dir=tmp_path / name)
+        return TamiyoService(
+            make_client("tamiyo", consumer=name), TamiyoController(keyring, KarnCatalog(), registry=registry)
+        )
+
+    first, second = replica("tamiyo-a"), replica("tamiyo-b")
+    update = L.PolicyUpdate(
+        version=1,
+        policy_id="tamiyo-default",
+        tamiyo_policy_version="7",
+        payload=encode_policy(germinate_policy(seed=3), 7, "tamiyo-default"),
+    )
+    update.issued_at.GetCurrentTime()
+    async with running(first, second):
+        assert (await make_client("simic").publish_policy_update(update)).ok
+        await accepted_updates(redis_client, 2)
+    assert first.controller.policy_version == second.controller.policy_version == 7
+    # A replica that was away (fresh policy dir, started after the update) runs the newest one.
+    late = replica("tamiyo-c")
+    assert late.controller.policy_version == 0
+    async with running(late):
+        assert late.controller.policy_version == 7
+        assert late.count("policy_caught_up") == 1

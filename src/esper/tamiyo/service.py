@@ -44,6 +44,8 @@ from esper.core.worker import WorkerContext, run_children
 from esper.leyline import leyline_pb2
 from esper.oona import OonaClient, OonaMessage, RejectMessage, Reply, Subscription
 from esper.tamiyo.controller import TamiyoController
+from esper.tamiyo.registry import PolicyRejected, policy_version_of
+from esper.tamiyo.shared_policy import SharedPolicy
 from esper.tamiyo.shared_runs import SharedRuns
 
 _LOG = get_logger(__name__)
@@ -83,6 +85,7 @@ class TamiyoService:
         self.controller = controller
         self.policy_max_age_s = policy_max_age_s
         self.runs = SharedRuns(client)
+        self.shared_policy = SharedPolicy(client)
         self._counts: Counter[str] = Counter()
         config = client.config
         self.states: Subscription = client.subscribe(
@@ -135,6 +138,7 @@ class TamiyoService:
         if result.accepted:
             self._counts["policy_updates_accepted"] += 1
             _LOG.info("tamiyo.policy_update_applied", version=result.current_version)
+            await self.shared_policy.offer(update, result.current_version)
             return telemetry
         self._counts[f"policy_updates_rejected.{result.reason}"] += 1
         if result.reason in RETRYABLE_POLICY_REASONS:
@@ -143,9 +147,30 @@ class TamiyoService:
 
     # ------------------------------------------------------------------ running
     async def run(self, ctx: WorkerContext) -> None:
-        """Consume states and policy updates until ``ctx.stopping`` (started once both subscribe)."""
+        """Catch up with the newest accepted policy, then consume states and policy updates.
+
+        Started once both subscriptions are reading; returns at ``ctx.stopping``.
+        """
+        await self.catch_up_policy()
         _LOG.info("tamiyo.service_running", group=TAMIYO_GROUP, instance=self.client.config.instance)
         await run_children(ctx, {"states": self.states.run, "policy": self.policy.run})
+
+    async def catch_up_policy(self) -> None:
+        """Apply the newest update any replica accepted, if it is newer than this one's policy."""
+        update = await self.shared_policy.newest()
+        if update is None:
+            return
+        try:
+            newer = policy_version_of(update) > self.controller.policy_version
+        except PolicyRejected:
+            newer = True  # let the registry name what is wrong with it
+        if not newer:
+            return
+        result = await asyncio.to_thread(self.controller.apply_policy_update, update)
+        self.controller.drain_telemetry()
+        if result.accepted:
+            self._counts["policy_caught_up"] += 1
+            _LOG.info("tamiyo.policy_caught_up", version=result.current_version)
 
     # ------------------------------------------------------------------ metrics
     def metrics_snapshot(self) -> dict[str, float]:

@@ -430,6 +430,9 @@ class WeatherlightService:
         snapshot["breakers"] = self.breaker_states()
         snapshot["redis"] = "external" if self.settings.redis_url is not None else "embedded"
         snapshot["components"] = self.component_metrics()
+        snapshot["tamiyo"] = {
+            "policy_version": self.tamiyo.controller.policy_version if self.tamiyo is not None else None
+        }
         return snapshot
 
     # -- lifecycle -------------------------------------------------------------------
