@@ -1,0 +1,235 @@
+"""Chaos run: kernel requests answered through faults, counting lost and duplicate answers.
+
+Starts a private Redis-protocol server (append-only, fsync always, so the
+server itself loses nothing it acknowledged), forges two kernels into a shared
+Urza library, boots ``--replicas`` real ``esper-weatherlight-service``
+processes on it (each with its own var dir), and sends kernel prefetch
+requests at ``--rate`` per second from a trainer-like client while it
+
+1. kills one replica with SIGKILL in the middle of its work and restarts it
+   on the same var dir (it resumes its own pending requests under its name);
+2. restarts the Redis server (SIGTERM, then a new process on the same port
+   and files);
+3. kills another replica for good (its pending requests are taken over by the
+   others after ``OONA_CLAIM_IDLE_MS``).
+
+Every request is published until the bus accepts it (a refused publish during
+the outage is retried). At the end it reports how many accepted requests got
+no answer (lost), how many got more than one (duplicates), the latency
+percentiles, and the slowest answer to a request sent during each fault.
+
+Run: .venv/bin/python benchmarks/chaos.py [--replicas 3] [--seconds 30] [--rate 100]
+(the last line is JSON)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from esper.core.redis_server import RedisServer, ServerOptions, free_port
+from esper.core.worker import running
+from esper.karn import KarnCatalog
+from esper.leyline import leyline_pb2 as pb
+from esper.oona import OonaClient, OonaMessage, StreamConfig
+from esper.security import KeyRing
+from esper.tezzeret import TezzeretForge
+from esper.urza import UrzaLibrary
+
+SECRET = "chaos-benchmark-secret-0123456789abcdef"
+SERVICE = str(Path(sys.executable).with_name("esper-weatherlight-service"))
+BLUEPRINTS = ("BP001", "BP009")
+
+
+class Replica:
+    """One service process, started on its own var dir; READY comes over a notify socket (no polling)."""
+
+    def __init__(self, index: int, root: Path, redis_url: str) -> None:
+        self.index = index
+        self.var = root / f"replica-{index}"
+        self.env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("ESPER_", "OONA_", "URZA_", "WEATHERLIGHT_"))
+        }
+        self.env.update(
+            ESPER_LEYLINE_SECRET=SECRET,
+            REDIS_URL=redis_url,
+            ESPER_VAR_DIR=str(self.var),
+            URZA_ARTIFACT_DIR=str(root / "urza"),
+            URZA_DATABASE_URL=f"sqlite:///{root / 'urza' / 'catalog.db'}",
+            WEATHERLIGHT_HTTP_PORT=str(free_port()),
+            OONA_CLAIM_IDLE_MS="3000",
+            ESP_LOG_LEVEL="WARNING",
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = open(root / f"replica-{index}.log", "ab")  # noqa: SIM115 - closed in stop()
+
+    def start(self) -> None:
+        notify = self.var / "notify.sock"
+        self.var.mkdir(parents=True, exist_ok=True)
+        notify.unlink(missing_ok=True)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.bind(str(notify))
+            sock.settimeout(30)
+            env = dict(self.env, NOTIFY_SOCKET=str(notify))
+            self.proc = subprocess.Popen([SERVICE], env=env, stdout=self.log, stderr=subprocess.STDOUT)
+            while b"READY=1" not in sock.recv(4096):
+                pass
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        self.log.close()
+
+
+@dataclass
+class Ledger:
+    sent: dict[str, float] = field(default_factory=dict)
+    answered: dict[str, float] = field(default_factory=dict)
+    replies: dict[str, int] = field(default_factory=dict)
+    refused: int = 0
+    faults: list[tuple[str, float]] = field(default_factory=list)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def on_reply(self, request_id: str) -> None:
+        if request_id not in self.sent:
+            return
+        self.replies[request_id] = self.replies.get(request_id, 0) + 1
+        self.answered.setdefault(request_id, time.monotonic())
+        if len(self.answered) == len(self.sent) and self.sent:
+            self.done.set()
+
+
+async def load(client: OonaClient, ledger: Ledger, seconds: float, rate: float) -> None:
+    interval = 1.0 / rate
+    start = time.monotonic()
+    index = 0
+    while time.monotonic() - start < seconds:
+        request = pb.KernelPrefetchRequest(
+            request_id=uuid.uuid4().hex, blueprint_id=BLUEPRINTS[index % 2], training_run_id="chaos"
+        )
+        index += 1
+        while True:
+            request.issued_at.GetCurrentTime()
+            result = await client.publish_kernel_prefetch_request(request)
+            if result.ok:
+                break
+            ledger.refused += 1
+            await asyncio.sleep(0.05)  # the publisher's own retry pacing, not a poll of the system under test
+        ledger.sent[request.request_id] = time.monotonic()
+        await asyncio.sleep(max(0.0, start + index * interval - time.monotonic()))
+
+
+async def faults(replicas: list[Replica], server: RedisServer, ledger: Ledger, seconds: float) -> None:
+    async def at(fraction: float) -> None:
+        await asyncio.sleep(max(0.0, start + fraction * seconds - time.monotonic()))
+
+    start = time.monotonic()
+    await at(0.2)
+    ledger.faults.append(("kill -9 and restart a replica", time.monotonic()))
+    replicas[0].kill()
+    await asyncio.to_thread(replicas[0].start)
+    await at(0.45)
+    ledger.faults.append(("restart the Redis server", time.monotonic()))
+    await asyncio.to_thread(server.stop)
+    await asyncio.to_thread(server.start)
+    await at(0.7)
+    if len(replicas) > 1:
+        ledger.faults.append(("lose a replica for good", time.monotonic()))
+        replicas[1].kill()
+
+
+async def drive(url: str, replicas: list[Replica], server: RedisServer, seconds: float, rate: float) -> Ledger:
+    ledger = Ledger()
+    trainer = OonaClient(url, StreamConfig(instance="chaos-trainer"), KeyRing(SECRET.encode()))
+
+    async def on_ready(message: OonaMessage) -> None:
+        ledger.on_reply(message.decode(pb.KernelArtifactReady).request_id)
+
+    async def on_error(message: OonaMessage) -> None:
+        ledger.on_reply(message.decode(pb.KernelArtifactError).request_id)
+
+    ready = trainer.broadcast(
+        "oona.kernels.ready", on_ready, types={pb.BUS_MESSAGE_TYPE_KERNEL_PREFETCH_READY},
+        ignore_types={pb.BUS_MESSAGE_TYPE_KERNEL_CATALOG_UPDATE}, batch=512,
+    )
+    errors = trainer.broadcast(
+        "oona.kernels.errors", on_error, types={pb.BUS_MESSAGE_TYPE_KERNEL_PREFETCH_ERROR}, batch=512
+    )
+    async with running(ready.run, "ready"), running(errors.run, "errors"):
+        async with asyncio.TaskGroup() as group:
+            group.create_task(load(trainer, ledger, seconds, rate))
+            group.create_task(faults(replicas, server, ledger, seconds))
+        print(f"sent {len(ledger.sent)} requests; waiting for the last answers", flush=True)
+        try:
+            await asyncio.wait_for(ledger.done.wait(), 60)
+        except TimeoutError:
+            print("some requests were never answered", flush=True)
+    await trainer.aclose()
+    return ledger
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--replicas", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--rate", type=float, default=100.0, help="requests per second")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        with UrzaLibrary(root / "urza", f"sqlite:///{root / 'urza' / 'catalog.db'}") as library:
+            TezzeretForge(KarnCatalog(), library).run(16, list(BLUEPRINTS))
+        port = free_port()
+        server = RedisServer(
+            ServerOptions(data_dir=root / "redis", port=port, append_only=True, extra_args=("--appendfsync", "always"))
+        )
+        server.start()
+        replicas = [Replica(i, root, server.url) for i in range(args.replicas)]
+        try:
+            for replica in replicas:
+                replica.start()
+            print(f"{args.replicas} replicas ready; {args.rate:.0f} requests/s for {args.seconds:.0f} s", flush=True)
+            ledger = asyncio.run(drive(server.url, replicas, server, args.seconds, args.rate))
+        finally:
+            for replica in replicas:
+                replica.stop()
+            server.stop()
+    latencies = sorted(ledger.answered[r] - ledger.sent[r] for r in ledger.answered)
+    lost = [r for r in ledger.sent if r not in ledger.answered]
+    duplicates = sum(1 for n in ledger.replies.values() if n > 1)
+    slowest: dict[str, float] = {}
+    for name, at in ledger.faults:
+        during = [ledger.answered.get(r, float("inf")) - t for r, t in ledger.sent.items() if at - 1 <= t <= at + 5]
+        slowest[name] = round(max(during, default=0.0), 3)
+    print(json.dumps({
+        "replicas": args.replicas,
+        "requests": len(ledger.sent),
+        "publishes_refused_then_retried": ledger.refused,
+        "lost": len(lost),
+        "duplicates": duplicates,
+        "p50_s": round(statistics.median(latencies), 4) if latencies else None,
+        "p99_s": round(latencies[int(len(latencies) * 0.99) - 1], 3) if latencies else None,
+        "max_s": round(latencies[-1], 3) if latencies else None,
+        "slowest_after_fault_s": slowest,
+    }))
+
+
+if __name__ == "__main__":
+    main()
