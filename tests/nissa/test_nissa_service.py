@@ -107,9 +107,9 @@ async def test_telemetry_becomes_labelled_series_over_http(nissa: Running) -> No
     status, body = await http_get(nissa.service.port, "/metrics")
     text = body.decode()
     assert status == 200
-    assert 'esper_weatherlight_uptime_s{source="weatherlight"} 42.5' in text
-    assert 'esper_oona_pending_oona_normal{source="weatherlight"} 7.0' in text
-    assert 'esper_telemetry_packets_total{source="weatherlight"} 1.0' in text
+    assert 'esper_weatherlight_uptime_s{instance="pub-1",source="weatherlight"} 42.5' in text
+    assert 'esper_oona_pending_oona_normal{instance="pub-1",source="weatherlight"} 7.0' in text
+    assert 'esper_telemetry_packets_total{instance="pub-1",source="weatherlight"} 1.0' in text
     # Nissa's own consumer metrics share the registry.
     assert 'oona_consumed_total{stream="oona.telemetry"} 1.0' in text
 
@@ -140,10 +140,10 @@ async def test_states_reports_and_commands_are_counted(nissa: Running) -> None:
     await nissa.seen.wait_for(3)
     _, body = await http_get(nissa.service.port, "/metrics")
     text = body.decode()
-    assert 'esper_system_state_packets_total{run="run-7"} 1.0' in text
-    assert 'esper_training_validation_accuracy{run="run-7"} 0.75' in text
-    assert 'esper_field_reports_total{outcome="success"} 1.0' in text
-    assert 'esper_adaptation_commands_total{type="seed"} 1.0' in text
+    assert 'esper_system_state_packets_total{instance="pub-1",run="run-7"} 1.0' in text
+    assert 'esper_training_validation_accuracy{instance="pub-1",run="run-7"} 0.75' in text
+    assert 'esper_field_reports_total{instance="pub-1",outcome="success"} 1.0' in text
+    assert 'esper_adaptation_commands_total{instance="pub-1",type="seed"} 1.0' in text
 
 
 async def test_emergency_stream_is_consumed(nissa: Running) -> None:
@@ -155,8 +155,8 @@ async def test_emergency_stream_is_consumed(nissa: Running) -> None:
     await nissa.seen.wait_for(2)
     assert nissa.seen.by_stream == {"oona.emergency": 2}
     _, body = await http_get(nissa.service.port, "/metrics")
-    assert 'esper_kasmina_seeds_active{source="kasmina"} 2.0' in body.decode()
-    assert 'esper_system_state_packets_total{run="run-e"} 1.0' in body.decode()
+    assert 'esper_kasmina_seeds_active{instance="pub-1",source="kasmina"} 2.0' in body.decode()
+    assert 'esper_system_state_packets_total{instance="pub-1",run="run-e"} 1.0' in body.decode()
 
 
 async def _dead_letters(redis: aioredis.Redis, count: int) -> list[dict[bytes, bytes]]:
@@ -186,7 +186,7 @@ async def test_garbage_is_dead_lettered_and_nissa_keeps_serving(nissa: Running) 
     status, body = await http_get(nissa.service.port, "/metrics")
     assert status == 200
     text = body.decode()
-    assert 'esper_tolaria_training_loss{source="tolaria"} 0.5' in text
+    assert 'esper_tolaria_training_loss{instance="pub-1",source="tolaria"} 0.5' in text
     assert 'esper_nissa_handler_errors_total{stream="oona.telemetry",type="telemetry"} 1.0' in text
     health = json.loads((await http_get(nissa.service.port, "/healthz"))[1])
     assert health["status"] == "ok"
@@ -206,8 +206,8 @@ async def test_alert_fires_after_for_count_and_clears(nissa: Running) -> None:
     await latency(26_000)
     await nissa.seen.wait_for(3)
     alerts = json.loads((await http_get(nissa.service.port, "/alerts"))[1])
-    assert [(a["rule"], a["source"], a["metric"], a["value"]) for a in alerts] == [
-        ("training_latency_high", "tolaria", "tolaria.training.latency_ms", 26_000.0)
+    assert [(a["rule"], a["source"], a["instance"], a["metric"], a["value"]) for a in alerts] == [
+        ("training_latency_high", "tolaria", "pub-1", "tolaria.training.latency_ms", 26_000.0)
     ]
     _, body = await http_get(nissa.service.port, "/metrics")
     assert 'esper_nissa_alerts_fired_total{rule="training_latency_high"} 1.0' in body.decode()

@@ -70,6 +70,26 @@ def build_telemetry_packet(
 
 #: ``system_health.indicators`` key in which a packet names the priority it wants.
 PRIORITY_INDICATOR = "priority"
+#: ``system_health.indicators`` key naming the replica (its instance name) that published the packet.
+INSTANCE_INDICATOR = "instance"
+
+
+def stamp_instance(packet: leyline_pb2.TelemetryPacket, instance: str) -> leyline_pb2.TelemetryPacket:
+    """Name the publishing replica in ``packet`` (in place; returned for chaining).
+
+    Replicas publish packets with identical sources and metric names; without
+    the instance, a consumer such as Nissa would fold them into one series
+    that flips between the replicas' values. Leyline has no field for it, so
+    it rides in ``system_health.indicators``, next to the priority.
+    """
+    if instance:
+        packet.system_health.indicators[INSTANCE_INDICATOR] = instance
+    return packet
+
+
+def packet_instance(packet: leyline_pb2.TelemetryPacket) -> str:
+    """The instance name ``packet`` was stamped with, or ``""``."""
+    return packet.system_health.indicators.get(INSTANCE_INDICATOR, "").strip()
 
 
 def indicated_priority(packet: leyline_pb2.TelemetryPacket) -> leyline_pb2.MessagePriority.ValueType:

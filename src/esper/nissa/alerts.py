@@ -3,8 +3,10 @@
 A rule matches metric names by shell-style pattern (``oona.pending.*``), so
 one rule covers every stream or worker. An alert fires after ``for_count``
 consecutive breaches of the same series and clears on the first sample back
-under the threshold; each (rule, source, metric) pair is tracked separately
-so one noisy worker cannot mask another.
+under the threshold; each (rule, source, instance, metric) is tracked
+separately so one noisy worker, or one replica, cannot mask another. Nissa
+feeds it only samples that became series, so its state stays within the
+series limits.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ DEFAULT_RULES: tuple[AlertRule, ...] = (
 class ActiveAlert:
     rule: str
     source: str
+    instance: str
     metric: str
     value: float
     severity: str
@@ -85,24 +88,33 @@ class AlertEngine:
 
     rules: tuple[AlertRule, ...] = DEFAULT_RULES
     clock: Callable[[], float] = time.time
-    _streaks: dict[tuple[str, str, str], int] = field(default_factory=dict)
-    _active: dict[tuple[str, str, str], ActiveAlert] = field(default_factory=dict)
+    _streaks: dict[tuple[str, str, str, str], int] = field(default_factory=dict)
+    _active: dict[tuple[str, str, str, str], ActiveAlert] = field(default_factory=dict)
     fired_total: int = 0
 
-    def observe(self, source: str, samples: Iterable[tuple[str, float]]) -> list[ActiveAlert]:
+    def observe(
+        self, source: str, samples: Iterable[tuple[str, float]], instance: str = ""
+    ) -> list[ActiveAlert]:
         """Feed one packet's samples; return alerts that started firing now."""
         started: list[ActiveAlert] = []
         for metric, value in samples:
             for rule in self.rules:
                 if not rule.matches(metric):
                     continue
-                key = (rule.name, source, metric)
+                key = (rule.name, source, instance, metric)
                 if value > rule.threshold:
                     streak = self._streaks.get(key, 0) + 1
                     self._streaks[key] = streak
                     if streak >= rule.for_count and key not in self._active:
                         alert = ActiveAlert(
-                            rule.name, source, metric, value, rule.severity, rule.summary, self.clock()
+                            rule.name,
+                            source,
+                            instance,
+                            metric,
+                            value,
+                            rule.severity,
+                            rule.summary,
+                            self.clock(),
                         )
                         self._active[key] = alert
                         self.fired_total += 1
@@ -115,4 +127,4 @@ class AlertEngine:
         return started
 
     def active(self) -> list[ActiveAlert]:
-        return sorted(self._active.values(), key=lambda a: (a.rule, a.source, a.metric))
+        return sorted(self._active.values(), key=lambda a: (a.rule, a.source, a.instance, a.metric))

@@ -3,8 +3,8 @@
 ``NissaService`` subscribes in group ``nissa`` to three streams:
 
 * ``oona.telemetry`` - TelemetryPackets: every metric point becomes a gauge
-  (source as label, see :mod:`esper.nissa.metrics`) and is fed to the
-  :class:`~esper.nissa.alerts.AlertEngine`;
+  (source and instance as labels, see :mod:`esper.nissa.metrics`) and is fed
+  to the :class:`~esper.nissa.alerts.AlertEngine`;
 * ``oona.normal`` - SystemStatePackets, FieldReports and AdaptationCommands,
   each counted;
 * ``oona.emergency`` - whatever was published at HIGH/CRITICAL priority
@@ -18,6 +18,10 @@ not parse, an unknown enum value) is logged, counted in
 ``esper_nissa_handler_errors_total{stream,type}`` and acked: every handler
 here is pure in-memory bookkeeping, so a retry would fail the same way (and
 handling a message twice only re-sets gauges; counters may count it twice).
+
+Series derived from the bus are kept within limits (series count, distinct
+values per label; see :mod:`esper.nissa.series`), so a flood of invented
+sources costs a counter, not memory or a stalled ``/metrics``.
 
 HTTP (``HealthServer``): ``/metrics`` (Prometheus text: the platform series
 plus Nissa's own Oona metrics), ``/livez``, ``/readyz`` (subscribed, the
@@ -46,7 +50,8 @@ from esper.core.logs import get_logger
 from esper.core.worker import WorkerContext, run_children, unwrap
 from esper.leyline import leyline_pb2
 from esper.nissa.alerts import DEFAULT_RULES, ActiveAlert, AlertEngine, AlertRule
-from esper.nissa.metrics import TelemetryMetrics
+from esper.nissa.metrics import TelemetryMetrics, packet_labels
+from esper.nissa.series import SeriesLimits
 from esper.oona import OonaClient, OonaMessage, Subscription
 
 _L = leyline_pb2
@@ -82,6 +87,7 @@ class NissaService:
         *,
         registry: CollectorRegistry | None = None,
         rules: tuple[AlertRule, ...] = DEFAULT_RULES,
+        limits: SeriesLimits | None = None,
         http_host: str = DEFAULT_HTTP_HOST,
         http_port: int = DEFAULT_HTTP_PORT,
         clock: Callable[[], float] = time.time,
@@ -90,7 +96,7 @@ class NissaService:
         # Share the client's registry so /metrics also shows Nissa's own consumers
         # (``oona_*``); platform series are all ``esper_*``, so names never collide.
         self.registry = registry if registry is not None else client.metrics.registry
-        self.metrics = TelemetryMetrics(self.registry)
+        self.metrics = TelemetryMetrics(self.registry, limits)
         self.alerts = AlertEngine(rules=rules, clock=clock)
         self.handler_errors = Counter(
             "esper_nissa_handler_errors",
@@ -189,26 +195,28 @@ class NissaService:
     def record(self, message: OonaMessage) -> None:
         """Turn one verified message into series; raises on a payload it cannot parse."""
         kind = message.message_type
+        sender = message.attributes.get("source", "")
         if kind == _L.BUS_MESSAGE_TYPE_TELEMETRY:
             packet = message.decode(_L.TelemetryPacket)
-            samples = self.metrics.record_telemetry(packet)
-            source = packet.source_subsystem or "unknown"
-            for alert in self.alerts.observe(source, samples):
+            samples = self.metrics.record_telemetry(packet, sender)
+            source, instance = packet_labels(packet, sender)
+            for alert in self.alerts.observe(source, samples, instance):
                 self.alerts_fired.labels(rule=alert.rule).inc()
                 _log.warning(
                     "nissa.alert_firing",
                     rule=alert.rule,
-                    source=alert.source,
+                    source=alert.source[:80],
+                    instance=alert.instance[:80],
                     metric=alert.metric,
                     value=alert.value,
                     severity=alert.severity,
                 )
         elif kind == _L.BUS_MESSAGE_TYPE_SYSTEM_STATE:
-            self.metrics.record_state(message.decode(_L.SystemStatePacket))
+            self.metrics.record_state(message.decode(_L.SystemStatePacket), sender)
         elif kind == _L.BUS_MESSAGE_TYPE_FIELD_REPORT:
-            self.metrics.record_field_report(message.decode(_L.FieldReport))
+            self.metrics.record_field_report(message.decode(_L.FieldReport), sender)
         elif kind == _L.BUS_MESSAGE_TYPE_ADAPTATION_COMMAND:
-            self.metrics.record_command(message.decode(_L.AdaptationCommand))
+            self.metrics.record_command(message.decode(_L.AdaptationCommand), sender)
         else:  # pragma: no cover - the consumers only hand over HANDLED_TYPES
             return
         self.handled[_type_label(kind)] += 1
@@ -232,6 +240,7 @@ class NissaService:
             "handled": dict(self.handled),
             "handler_errors": dict(self.errors),
             "alerts_active": len(self.alerts.active()),
+            "series": self.metrics.store.series_count,
             "uptime_s": round(time.time() - self.started_at, 3) if self.started_at else 0.0,
         }
 

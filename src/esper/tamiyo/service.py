@@ -7,7 +7,8 @@ Two subscriptions:
   each packet with ``controller.evaluate(state)`` in a worker thread (policy
   inference plus the field-report fsync) and returns the signed command, the
   decision's field report and the controller's queued telemetry (NORMAL
-  priority, HIGH when a packet's health is not HEALTHY) as replies, which Oona
+  priority, HIGH when a packet's health is not HEALTHY; each packet stamped
+  with this replica's instance name) as replies, which Oona
   publishes in the same round trip that acknowledges the packet: a command is
   never lost and never published twice.
 * ``oona.policy``, in a group of this replica's own (``tamiyo-policy.<instance>``),
@@ -40,6 +41,7 @@ import hashlib
 from collections import Counter
 
 from esper.core import get_logger
+from esper.core.telemetry import stamp_instance
 from esper.core.worker import WorkerContext, run_children
 from esper.leyline import leyline_pb2
 from esper.oona import OonaClient, OonaMessage, RejectMessage, Reply, Subscription
@@ -67,8 +69,11 @@ def telemetry_priority(packet: leyline_pb2.TelemetryPacket) -> leyline_pb2.Messa
     return leyline_pb2.MESSAGE_PRIORITY_HIGH
 
 
-def _telemetry_replies(packets: list[leyline_pb2.TelemetryPacket]) -> list[Reply]:
-    return [Reply(_TELEMETRY, packet, telemetry_priority(packet)) for packet in packets]
+def _telemetry_replies(packets: list[leyline_pb2.TelemetryPacket], instance: str) -> list[Reply]:
+    """Replies publishing ``packets``, each stamped with this replica's instance name."""
+    return [
+        Reply(_TELEMETRY, stamp_instance(packet, instance), telemetry_priority(packet)) for packet in packets
+    ]
 
 
 class TamiyoService:
@@ -123,7 +128,7 @@ class TamiyoService:
             if decision.field_report is not None:
                 replies.append(Reply(_REPORT, decision.field_report))
                 self._counts["field_reports"] += 1
-            replies += _telemetry_replies(self.controller.drain_telemetry())
+            replies += _telemetry_replies(self.controller.drain_telemetry(), self.client.config.instance)
             result = tuple(replies)
             await self.runs.save(held, token, digest, result)
         return result
@@ -134,7 +139,7 @@ class TamiyoService:
         result = await asyncio.to_thread(
             self.controller.apply_policy_update, update, max_age_s=self.policy_max_age_s
         )
-        telemetry = _telemetry_replies(self.controller.drain_telemetry())
+        telemetry = _telemetry_replies(self.controller.drain_telemetry(), self.client.config.instance)
         if result.accepted:
             self._counts["policy_updates_accepted"] += 1
             _LOG.info("tamiyo.policy_update_applied", version=result.current_version)

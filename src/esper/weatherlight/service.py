@@ -34,7 +34,7 @@ from esper.core.instance_lock import InstanceLock
 from esper.core.logs import get_logger
 from esper.core.redis_server import RedisServer, ServerOptions, embedded_options
 from esper.core.settings import EsperSettings
-from esper.core.telemetry import indicated_priority
+from esper.core.telemetry import indicated_priority, stamp_instance
 from esper.core.worker import WorkerContext
 from esper.kasmina.warmer import KernelWarmer
 from esper.leyline import leyline_pb2
@@ -358,14 +358,18 @@ class WeatherlightService:
         # Only a required path down is urgent (emergency stream); degraded is routine.
         urgent = health.status == UNHEALTHY
         priority = leyline_pb2.MESSAGE_PRIORITY_HIGH if urgent else leyline_pb2.MESSAGE_PRIORITY_NORMAL
+        # Every packet names this replica, so Nissa keeps the replicas' series apart.
+        instance = client.config.instance
         results = [
-            await client.publish_telemetry(packet, priority=priority),
-            await client.publish_telemetry(client.metrics_packet()),
+            await client.publish_telemetry(stamp_instance(packet, instance), priority=priority),
+            await client.publish_telemetry(stamp_instance(client.metrics_packet(), instance)),
         ]
         if self.warmer is not None:
             for forwarded in self.warmer.drain_telemetry():
                 results.append(
-                    await client.publish_telemetry(forwarded, priority=indicated_priority(forwarded))
+                    await client.publish_telemetry(
+                        stamp_instance(forwarded, instance), priority=indicated_priority(forwarded)
+                    )
                 )
         failed = [r.reason for r in results if not r.ok]
         if failed:
@@ -426,6 +430,7 @@ class WeatherlightService:
 
     def status(self) -> Mapping[str, Any]:
         snapshot = dict(self.supervisor.snapshot())
+        snapshot["instance"] = self.instance
         snapshot["health"] = self.last_health.view() if self.last_health is not None else None
         snapshot["breakers"] = self.breaker_states()
         snapshot["redis"] = "external" if self.settings.redis_url is not None else "embedded"
