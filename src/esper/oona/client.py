@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -278,15 +278,24 @@ class OonaClient:
         types: Collection[int],
         ignore_types: Collection[int] = (),
         policy: DeliveryPolicy | None = None,
+        on_committed: Callable[[list[str]], None] | None = None,
     ) -> Subscription:
         """Consume ``stream`` in ``group``: one replica handles each entry; replies commit with its ack.
 
         ``ignore_types`` are other types that legitimately share the stream
         (e.g. commands on ``oona.normal`` for a reader of system states):
         verified, acknowledged and counted as ignored, not dead-lettered.
+        ``on_committed`` is called with the entry ids of every commit.
         """
         return Subscription(
-            self.link, stream, group, handler, types=types, ignore_types=ignore_types, policy=policy
+            self.link,
+            stream,
+            group,
+            handler,
+            types=types,
+            ignore_types=ignore_types,
+            policy=policy,
+            on_committed=on_committed,
         )
 
     def broadcast(
