@@ -104,7 +104,6 @@ class Subscription:
                 group=group,
                 consumer=self.consumer,
                 dead_letter_stream=config.dead_letter_stream,
-                replay_ttl_ms=config.replay_ttl_ms,
                 cap=config.cap,
                 dead_letter_cap=config.dead_letter_max_length,
             ),
@@ -323,6 +322,11 @@ class Subscription:
                 runnable.append((outcome, fields or {}, attempt))
             else:
                 items.append(outcome)
+        fresh = await self.dispatcher.claim([(accepted, attempt) for accepted, _f, attempt in runnable])
+        for (accepted, fields_, _attempt), ok in zip(runnable, fresh, strict=True):
+            if not ok:
+                items.append(self.dispatcher.replayed(accepted, fields_))
+        runnable = [r for r, ok in zip(runnable, fresh, strict=True) if ok]
         if self.policy.concurrency == 1 or len(runnable) <= 1:
             await self._handle_serially(ctx, runnable, items)
         else:
@@ -448,12 +452,6 @@ class Subscription:
         for item, status in zip(items, statuses, strict=True):
             if status == "lost":
                 metrics.on_lost(self.stream)
-            elif status == "replay":
-                metrics.on_rejected(self.stream, RejectReason.REPLAY.value)
-                metrics.on_dead_letter(RejectReason.REPLAY.value)
-                _log.warning(
-                    "oona.dead_letter", subscription=self.name, entry_id=item.entry_id, reason="replay"
-                )
             elif status == "dead" and isinstance(item, DeadLetter):
                 metrics.on_dead_letter(item.reason)
                 _log.warning(
