@@ -130,7 +130,9 @@ async def test_ignored_types_are_acknowledged_not_dead_lettered(
 ) -> None:
     client = make_client()
     recorder = Recorder(1)
-    sub = client.subscribe(NORMAL, "g", recorder, types={CMD}, ignore_types={pb.BUS_MESSAGE_TYPE_FIELD_REPORT})
+    sub = client.subscribe(
+        NORMAL, "g", recorder, types={CMD}, ignore_types={pb.BUS_MESSAGE_TYPE_FIELD_REPORT}
+    )
     async with running(sub.run, "g"):
         await client.publish_field_report(pb.FieldReport())
         await client.publish_command(command("c"))

@@ -44,7 +44,9 @@ def v1_telemetry(at_ms: int, source: str = "tolaria") -> dict[bytes, bytes]:
 
 
 def v1_state(at_ms: int) -> dict[bytes, bytes]:
-    return v1_entry(STATE, pb.SystemStatePacket(version=1, timestamp_ns=at_ms * 1_000_000).SerializeToString())
+    return v1_entry(
+        STATE, pb.SystemStatePacket(version=1, timestamp_ns=at_ms * 1_000_000).SerializeToString()
+    )
 
 
 async def test_a_copy_is_caught_by_another_replica_of_the_group_and_by_every_group(
