@@ -5,8 +5,8 @@ A subscription ends every entry it read with exactly one item:
 - :class:`Ack`: nothing to publish (an ignored type, an entry addressed to
   another group, an entry deleted while pending);
 - :class:`DeadLetter`: copy it to the dead-letter stream with a reason;
-- :class:`Done`: the handler finished; publish its replies (its replay key
-  was claimed before the handler ran, :meth:`Dispatcher.claim`).
+- :class:`Done`: the handler finished; claim its replay key and publish its
+  replies (a key claimed already, by any entry, makes it a ``replay``).
 
 :class:`Committer` sends a batch of them in one EVALSHA and returns one
 status per item. Because the script only touches entries still pending for
@@ -48,6 +48,7 @@ class SignedReply:
 @dataclass(frozen=True, slots=True)
 class Done:
     entry_id: str
+    replay_key: str | None
     replies: Sequence[SignedReply] = field(default_factory=tuple)
 
 
@@ -62,6 +63,7 @@ class CommitTarget:
     group: str
     consumer: str
     dead_letter_stream: str
+    replay_ttl_ms: int
     cap: int | None
     dead_letter_cap: int
 
@@ -75,16 +77,17 @@ class Committer:
         self.target = target
 
     async def commit(self, items: Sequence[CommitItem]) -> list[str]:
-        """Commit ``items``; one status per item (``ok``, ``dead`` or ``lost``)."""
+        """Commit ``items``; one status per item (``ok``, ``dead``, ``replay`` or ``lost``)."""
         if not items:
             return []
         t, keys = self.target, self._keys
-        # KEYS: source, dead letters, then every reply stream once.
+        # KEYS: source, dead letters, then every reply stream once, then one replay key per claim.
         reply_streams: dict[str, int] = {}
         for item in items:
             if isinstance(item, Done):
                 for reply in item.replies:
                     reply_streams.setdefault(keys.stream(reply.stream), 3 + len(reply_streams))
+        replay_keys: list[str] = []
         body: list[bytes | str | int] = []
         for item in items:
             if isinstance(item, Ack):
@@ -93,7 +96,11 @@ class Committer:
                 pairs = [part for name, value in item.fields.items() for part in (name, value)]
                 body += ["d", item.entry_id, len(pairs), *pairs]
             else:
-                body += ["c", item.entry_id, len(item.replies)]
+                replay_index = 0
+                if item.replay_key is not None:
+                    replay_keys.append(keys.replay(t.group, item.replay_key))
+                    replay_index = 2 + len(reply_streams) + len(replay_keys)
+                body += ["c", item.entry_id, replay_index, f"{t.stream}/{item.entry_id}", len(item.replies)]
                 for reply in item.replies:
                     body += [
                         reply_streams[keys.stream(reply.stream)],
@@ -101,12 +108,14 @@ class Committer:
                         reply.fields[b"signature"],
                         reply.fields.get(b"kid", b""),
                     ]
-        key_list = [keys.stream(t.stream), keys.stream(t.dead_letter_stream), *reply_streams]
+        key_list = [keys.stream(t.stream), keys.stream(t.dead_letter_stream), *reply_streams, *replay_keys]
         argv = [
             t.group,
             t.consumer,
+            t.replay_ttl_ms,
             t.cap or 0,
             t.dead_letter_cap,
+            t.stream,
             len(items),
             len(reply_streams),
             *body,

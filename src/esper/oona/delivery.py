@@ -1,8 +1,8 @@
 """One delivery of one entry in one group: verify it, run the handler under its deadline, decide.
 
 Every entry a subscription reads ends here in exactly one outcome. Before
-any handler runs, the batch's replay keys are claimed in one round trip
-(:meth:`Dispatcher.claim`), so a copy of a message already handled is
+any handler runs, the batch's replay keys are read in one round trip
+(:meth:`Dispatcher.seen`), so a copy of a message already handled is
 dead-lettered as ``replay`` without its handler ever seeing it:
 
 - a commit item (:mod:`esper.oona.commit`): acknowledged, dead-lettered with
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -121,30 +120,17 @@ class Dispatcher:
             ),
         )
 
-    async def claim(self, batch: Sequence[tuple[Accepted, int]]) -> list[bool]:
-        """Claim each message's replay key (``SET NX GET PX``, pipelined); False for a replay.
+    async def seen(self, batch: Sequence[Accepted]) -> list[bool]:
+        """Which messages' replay keys are claimed already (one MGET): copies, never handled.
 
-        The key's value names the entry plus a token new for every call, so
-        the connection's own retry of this very write is not mistaken for a
-        replay. The same entry delivered again (attempt > 1: its consumer
-        failed or died after claiming) finds its own claim and runs again. A
-        *first* delivery that finds a claim is a copy: another entry with the
-        same nonce, or the same entry deleted and re-added at its original id.
+        The authoritative claim commits with the entry's ack (:mod:`esper.oona.commit`);
+        this read keeps a copy of a message handled before from reaching its handler at all.
         """
         if not batch:
             return []
-        keys, ttl, token = self.link.keys, self.link.config.replay_ttl_ms, uuid.uuid4().hex[:12]
-        refs = [f"{self.stream}/{accepted.message.entry_id}/" for accepted, _attempt in batch]
-        async with self.link.redis.pipeline(transaction=False) as pipe:
-            for (accepted, _attempt), ref in zip(batch, refs, strict=True):
-                key = keys.replay(self.group, accepted.replay_key)
-                pipe.set(key, ref + token, nx=True, get=True, px=ttl)
-            previous = await pipe.execute()
-        fresh = []
-        for (_accepted, attempt), ref, seen in zip(batch, refs, previous, strict=True):
-            text = seen.decode("utf-8", "replace") if isinstance(seen, bytes) else seen
-            fresh.append(text is None or text == ref + token or (attempt > 1 and text.startswith(ref)))
-        return fresh
+        keys = self.link.keys
+        found = await self.link.redis.mget([keys.replay(self.group, a.replay_key) for a in batch])
+        return [value is not None for value in found]
 
     def replayed(self, accepted: Accepted, fields: Mapping[bytes, bytes]) -> DeadLetter:
         self.link.metrics.on_rejected(self.stream, RejectReason.REPLAY.value)
@@ -171,7 +157,7 @@ class Dispatcher:
             timed_out = deadline.expired()
             return self._after_failure(message, fields, accepted.issued_ms, exc, timed_out=timed_out)
         metrics.on_consumed(self.stream, time.perf_counter() - started)
-        return Done(message.entry_id, self.sign(produced or ()))
+        return Done(message.entry_id, accepted.replay_key, self.sign(produced or ()))
 
     def _after_failure(
         self,

@@ -1,7 +1,7 @@
 """The bus's server-side scripts, each one round trip and all-or-nothing.
 
-Why scripts: a handler's replies and the XACK of its entry must commit
-together, so a consumer killed at any instant leaves either all
+Why scripts: a handler's replies, its replay claim and the XACK of its entry
+must commit together, so a consumer killed at any instant leaves either all
 of them or none (the entry is then delivered again). Each script first checks
 the type of every key it will write and returns an error before writing
 anything when one is wrong (e.g. someone SET the dead-letter stream to a
@@ -16,24 +16,28 @@ Scripts are loaded once per server (EVALSHA, reloaded after a restart).
 from __future__ import annotations
 
 # Commit a batch of entries of one stream in one group.
-# KEYS[1] source stream, KEYS[2] dead-letter stream, KEYS[3 .. 2+S] reply streams.
-# ARGV: group, consumer, publish cap (0: none), dead-letter cap, item count, S, then per item:
+# KEYS[1] source stream, KEYS[2] dead-letter stream, KEYS[3 .. 2+S] reply streams, then replay keys.
+# ARGV: group, consumer, replay ttl ms, publish cap (0: none), dead-letter cap, source stream name,
+#       item count, S, then per item:
 #   "a" entry                         acknowledge only (ignored type, entry for another group)
 #   "d" entry nfields f v ...         dead letter, then acknowledge
-#   "c" entry nreplies (sk payload signature kid)*
-#                                     publish the replies to KEYS[sk] and acknowledge
-# Returns one status per item: "ok", "dead" or "lost" (the entry is no longer pending for this
-# consumer: another consumer took it over, or it was acknowledged already).
+#   "c" entry rk ref nreplies (sk payload signature kid)*
+#                                     claim replay key KEYS[rk] (0: none), publish the replies to
+#                                     KEYS[sk] and acknowledge; a replay (the key was claimed
+#                                     already, by whatever entry) is dead-lettered instead
+# Returns one status per item: "ok", "dead", "replay" or "lost" (the entry is no longer pending
+# for this consumer: another consumer took it over, or it was acknowledged already).
 COMMIT = r"""
 local stream, dlq = KEYS[1], KEYS[2]
 local group, consumer = ARGV[1], ARGV[2]
-local cap, dlq_cap = tonumber(ARGV[3]), tonumber(ARGV[4])
-local count, nstreams = tonumber(ARGV[5]), tonumber(ARGV[6])
+local ttl, cap, dlq_cap = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local source_name, count, nstreams = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
 
 for i = 1, #KEYS do
+  local want = (i <= 2 + nstreams) and 'stream' or 'string'
   local t = redis.call('TYPE', KEYS[i])['ok']
-  if t ~= 'none' and t ~= 'stream' then
-    return redis.error_reply('WRONGTYPE ' .. KEYS[i] .. ' holds a ' .. t .. ', not a stream')
+  if t ~= 'none' and t ~= want then
+    return redis.error_reply('WRONGTYPE ' .. KEYS[i] .. ' holds a ' .. t .. ', not a ' .. want)
   end
 end
 
@@ -50,8 +54,28 @@ local function owned(id)
   return #p == 1 and p[1][2] == consumer
 end
 
+local function replayed(id)
+  local entry = redis.call('XRANGE', stream, id, id)
+  local fields = {}
+  if #entry == 1 then
+    local raw = entry[1][2]
+    for j = 1, #raw, 2 do
+      local name = raw[j]
+      if name == 'payload' or name == 'signature' or name == 'kid' then
+        fields[#fields + 1] = name
+        fields[#fields + 1] = raw[j + 1]
+      end
+    end
+  end
+  for _, v in ipairs({'reason', 'replay', 'source_stream', source_name, 'source_id', id,
+                      'group', group, 'detail', 'nonce already seen'}) do
+    fields[#fields + 1] = v
+  end
+  add(dlq, dlq_cap, fields)
+end
+
 local out = {}
-local n = 7
+local n = 9
 for i = 1, count do
   local kind, id = ARGV[n], ARGV[n + 1]
   n = n + 2
@@ -71,18 +95,29 @@ for i = 1, count do
       status = 'lost'
     end
   else
-    local nreplies = tonumber(ARGV[n])
-    local first = n + 1
+    local rk, ref, nreplies = tonumber(ARGV[n]), ARGV[n + 1], tonumber(ARGV[n + 2])
+    local first = n + 3
     n = first + 4 * nreplies
-    if owned(id) then
-      for r = 0, nreplies - 1 do
-        local at = first + 4 * r
-        add(KEYS[tonumber(ARGV[at])], cap, {'payload', ARGV[at + 1], 'signature', ARGV[at + 2],
-                                            'kid', ARGV[at + 3]})
+    if not owned(id) then
+      status = 'lost'
+    else
+      local previous = false
+      if rk > 0 then
+        previous = redis.call('SET', KEYS[rk], ref, 'NX', 'GET', 'PX', ttl)
+      end
+      -- Any earlier claim is a copy: the claim commits with the ack, so the same entry cannot
+      -- have claimed it before, unless it was deleted and re-added at its original id.
+      if previous then
+        replayed(id)
+        status = 'replay'
+      else
+        for r = 0, nreplies - 1 do
+          local at = first + 4 * r
+          add(KEYS[tonumber(ARGV[at])], cap, {'payload', ARGV[at + 1], 'signature', ARGV[at + 2],
+                                              'kid', ARGV[at + 3]})
+        end
       end
       redis.call('XACK', stream, group, id)
-    else
-      status = 'lost'
     end
   end
   out[i] = status

@@ -99,6 +99,7 @@ class Subscription:
                 group=group,
                 consumer=self.consumer,
                 dead_letter_stream=config.dead_letter_stream,
+                replay_ttl_ms=config.replay_ttl_ms,
                 cap=config.cap,
                 dead_letter_cap=config.dead_letter_max_length,
             ),
@@ -245,11 +246,11 @@ class Subscription:
                 runnable.append((outcome, fields or {}, attempt))
             else:
                 items.append(outcome)
-        fresh = await self.dispatcher.claim([(accepted, attempt) for accepted, _f, attempt in runnable])
-        for (accepted, fields_, _attempt), ok in zip(runnable, fresh, strict=True):
-            if not ok:
+        seen = await self.dispatcher.seen([accepted for accepted, _f, _a in runnable])
+        for (accepted, fields_, _attempt), copy in zip(runnable, seen, strict=True):
+            if copy:
                 items.append(self.dispatcher.replayed(accepted, fields_))
-        runnable = [r for r, ok in zip(runnable, fresh, strict=True) if ok]
+        runnable = [r for r, copy in zip(runnable, seen, strict=True) if not copy]
         if self.policy.concurrency == 1 or len(runnable) <= 1:
             await self._handle_serially(ctx, runnable, items)
         else:
@@ -371,6 +372,12 @@ class Subscription:
         for item, status in zip(items, statuses, strict=True):
             if status == "lost":
                 metrics.on_lost(self.stream)
+            elif status == "replay":  # a copy committed first by another replica of the group
+                metrics.on_rejected(self.stream, RejectReason.REPLAY.value)
+                metrics.on_dead_letter(RejectReason.REPLAY.value)
+                _log.warning(
+                    "oona.dead_letter", subscription=self.name, entry_id=item.entry_id, reason="replay"
+                )
             elif status == "dead" and isinstance(item, DeadLetter):
                 metrics.on_dead_letter(item.reason)
                 _log.warning(
