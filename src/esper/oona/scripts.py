@@ -231,7 +231,8 @@ local out = {}
 for _, g in ipairs(redis.call('XINFO', 'GROUPS', key)) do
   local name, lag = field(g, 'name'), field(g, 'lag')
   local last = field(g, 'last-delivered-id')
-  local behind = first and less(parse(last), parse(first[1]))
+  -- Behind: every entry after the group's position is gone (an empty stream included).
+  local behind = (not first) or less(parse(last), parse(first[1]))
   if behind and lag then
     local gap = tonumber(lag) - length
     local before = redis.call('HGET', seen, name)
