@@ -1,4 +1,4 @@
-"""A server that refuses commits (out of memory, a key of the wrong type) never ends a reader or loses work."""
+"""A server refusing commits (out of memory, a key of the wrong type) never ends a reader or loses work."""
 
 from __future__ import annotations
 

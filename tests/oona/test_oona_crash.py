@@ -70,7 +70,7 @@ async def test_a_consumer_killed_between_handler_and_commit_yields_exactly_one_r
 
     sub = client.subscribe(NORMAL, "a", handler, types={CMD})  # the same consumer name, restarted
     async with running(sub.run, "a"):
-        [(_id, fields)] = await read_stream(redis_client, "oona.kernels.ready", 1)
+        [(_id, _fields)] = await read_stream(redis_client, "oona.kernels.ready", 1)
         await client.publish_command(command("after"))
         await read_stream(redis_client, "oona.kernels.ready", 1, after=_id)
     assert attempts == [2, 1]

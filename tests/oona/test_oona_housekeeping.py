@@ -63,7 +63,8 @@ async def test_pending_entries_and_entries_a_live_group_has_not_read_survive(
     report = await client.housekeeping()
     assert await stream_ids(redis_client) == ids[3:]  # now b's first unread entry holds it
     assert report.unread_lost == {}
-    assert unread_metric(client, "a") is None and unread_metric(client, "b") is None
+    assert unread_metric(client, "a") is None
+    assert unread_metric(client, "b") is None
     assert report.pending[NORMAL] == {"a": 0, "b": 0}
 
 

@@ -1,4 +1,4 @@
-"""Giant entries written straight into Redis: dead-lettered as ``oversized`` by digest, memory stays bounded."""
+"""Giant entries written straight into Redis: dead-lettered ``oversized`` by digest, memory bounded."""
 
 from __future__ import annotations
 
