@@ -25,7 +25,7 @@ from esper.oona import envelope
 from esper.oona.blocking import BlockingRead
 from esper.oona.delivery import has_deferred
 from esper.oona.envelope import Accepted, Rejection
-from esper.oona.link import REDIS_FAILURES, TRANSIENT, Link
+from esper.oona.link import REDIS_FAILURES, TRANSIENT, Link, honour_cancellation
 from esper.oona.messages import Handler, RejectMessage, RejectReason
 
 _log = get_logger("esper.oona.broadcast")
@@ -102,6 +102,7 @@ class BroadcastReader:
             ctx.progress()
 
     async def _outage(self, ctx: WorkerContext, exc: BaseException) -> None:
+        honour_cancellation()
         text = f"{type(exc).__name__}: {exc}"[:200]
         self.link.health.report(f"broadcast:{self.stream}", f"broadcast reader of {self.stream}: {text}")
         _log.warning("oona.broadcast_redis_error", stream=self.stream, error=text, retry_in_s=self._backoff_s)

@@ -10,6 +10,7 @@ on it instead of on the client, so there is no import cycle.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 
@@ -35,6 +36,19 @@ TRANSIENT: tuple[type[BaseException], ...] = (
 )
 #: Anything a Redis call may raise: the transient errors plus the server's refusals.
 REDIS_FAILURES: tuple[type[BaseException], ...] = (*TRANSIENT, RedisError)
+
+
+def honour_cancellation() -> None:
+    """Raise ``CancelledError`` if this task was cancelled and the Redis client raised something else.
+
+    redis-py turns a cancellation that arrives while it handles a dead
+    connection into a ``ConnectionError``; a reader that waited that out like
+    any outage could then never be cancelled. Call this first wherever a
+    Redis failure is caught.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 class HealthBoard:

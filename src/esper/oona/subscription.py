@@ -40,7 +40,7 @@ from esper.oona.commit import Ack, CommitItem, CommitTarget, Committer, DeadLett
 from esper.oona.config import DeliveryPolicy
 from esper.oona.delivery import Dispatcher, Retry, has_deferred
 from esper.oona.envelope import Accepted
-from esper.oona.link import REDIS_FAILURES, TRANSIENT, Link
+from esper.oona.link import REDIS_FAILURES, TRANSIENT, Link, honour_cancellation
 from esper.oona.messages import Handler, RejectReason
 from esper.oona.scripts import CREATE_GROUP
 from esper.oona.takeover import Delivery, Takeover, text
@@ -184,6 +184,7 @@ class Subscription:
 
     async def _outage(self, ctx: WorkerContext, exc: BaseException) -> None:
         """Count, report and wait out a Redis problem; the consumer itself stays alive."""
+        honour_cancellation()
         self.link.consume_breaker.record_failure()
         self._recover = True
         text = f"{type(exc).__name__}: {exc}"[:200]
@@ -348,6 +349,7 @@ class Subscription:
         try:
             statuses = await self.committer.commit(items)
         except REDIS_FAILURES as exc:
+            honour_cancellation()
             self._uncommitted.extend(items)
             self._commit_failed(exc)
             return False

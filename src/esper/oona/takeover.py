@@ -27,7 +27,7 @@ from typing import Any
 from esper.core.logs import get_logger
 from esper.core.worker import WorkerContext
 from esper.oona.config import DeliveryPolicy
-from esper.oona.link import REDIS_FAILURES, Link
+from esper.oona.link import REDIS_FAILURES, Link, honour_cancellation
 
 _log = get_logger("esper.oona.takeover")
 #: (entry id, fields or None when deleted, attempt = the server's delivery count).
@@ -148,6 +148,7 @@ class Takeover:
             try:
                 await self.link.redis.xclaim(self.key, self.group, self.consumer, 0, [*old], justid=True)
             except REDIS_FAILURES as exc:
+                honour_cancellation()
                 _log.warning("oona.keep_alive_failed", subscription=self._name, error=type(exc).__name__)
                 continue
             for eid in old:
