@@ -13,9 +13,9 @@ re-parsing. Six such entries once drove a reader to 9 GB. This parser:
   many fields is hostile) and returns ``[b"payload", OmittedValue]`` in its
   place, so the entry reads as one oversized payload;
 - once one reply has used ``max_reply_bytes``, returns the shared
-  :data:`DEFERRED` marker for further values: they are legitimate, so the
-  reader leaves their entries pending and fetches them again with a smaller
-  COUNT.
+  :data:`DEFERRED` marker for further values longer than 128 bytes (ids,
+  field names and signatures are always kept): they are legitimate, so the
+  reader leaves their entries pending and fetches them again on their own.
 
 It plugs into redis-py as the connection's ``parser_class`` and mirrors the
 RESP2 parser of redis-py 8 (``_readline``/``_read``/``_stream``); the
@@ -34,6 +34,9 @@ from redis.exceptions import InvalidResponse
 _CHUNK = 1 << 16
 #: What one kept element costs besides its bytes (object header, list slot), counted against the budget.
 _ITEM_COST = 64
+#: Values this short (entry ids, field names, signatures) are never deferred: an entry whose id
+#: was deferred could not be fetched again. Their number per reply is bounded by the array caps.
+_ALWAYS_KEPT = 128
 
 
 class OmittedValue(bytes):
@@ -102,7 +105,7 @@ class BoundedParser(_AsyncRESP2Parser):
             length = int(rest)
             if length > self.max_value_bytes:
                 return await self._omit_value(length)
-            if length + _ITEM_COST > self._budget:
+            if length > _ALWAYS_KEPT and length + _ITEM_COST > self._budget:
                 await self._omit_value(length)
                 return DEFERRED
             self._budget -= length + _ITEM_COST
