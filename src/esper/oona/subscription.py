@@ -26,6 +26,7 @@ breaker, reported and waited out with backoff; the worker stops only when
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
@@ -44,10 +45,12 @@ from esper.oona.link import REDIS_FAILURES, TRANSIENT, Link, honour_cancellation
 from esper.oona.messages import Handler, RejectReason
 from esper.oona.scripts import CREATE_GROUP
 from esper.oona.takeover import Delivery, Takeover, text
+from esper.oona.wire_guard import OversizedEntry
 
 _log = get_logger("esper.oona.subscription")
 #: Results of a serial batch are committed together unless the first has waited this long.
 _COMMIT_LINGER_S = 0.005
+_STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 
 
 class Subscription:
@@ -154,6 +157,8 @@ class Subscription:
                 await self._turn(ctx)
             except TRANSIENT as exc:
                 await self._outage(ctx, exc)
+            except OversizedEntry as exc:
+                await self._refuse_unreadable(ctx, exc)
             except RedisError as exc:
                 if "NOGROUP" not in str(exc):
                     await self._outage(ctx, exc)
@@ -175,6 +180,16 @@ class Subscription:
         created = await self._create_group(keys=[self._key], args=[self.group, start])
         if created:
             _log.info("oona.group_created", stream=self.stream, group=self.group, start=start)
+
+    async def _refuse_unreadable(self, ctx: WorkerContext, exc: OversizedEntry) -> None:
+        """Dead-letter an entry too large even to discard, unread; the rest of its reply is re-read."""
+        self._recover = True  # the other entries of that reply are pending for this consumer
+        if exc.entry_id is None or not _STREAM_ID.match(exc.entry_id):
+            await self._outage(ctx, exc)
+            return
+        self.link.metrics.on_rejected(self.stream, RejectReason.OVERSIZED.value)
+        detail = f"entry has {exc.elements} fields and values; not read"
+        await self._commit([self.dispatcher.dead_letter(exc.entry_id, {}, RejectReason.OVERSIZED, detail)])
 
     def _recovered(self) -> None:
         breaker = self.link.consume_breaker
