@@ -63,6 +63,7 @@ async def test_six_50mb_entries_are_dead_lettered_by_digest_with_bounded_reader_
         assert letter[b"payload_bytes"] == str(BIG).encode()
         assert letter[b"payload_sha256"] == digest
     assert by_id[fields_bomb][b"reason"] == b"oversized"
+    assert by_id[fields_bomb][b"detail"] == b"entry has 240000 fields and values; not read"
     assert b"payload" not in by_id[fields_bomb]
     assert await raw.memory_usage("oona.deadletter") < 1024 * 1024  # type: ignore[operator]
     assert await pending(raw, NORMAL, "a") == 0
@@ -92,3 +93,18 @@ async def test_an_entry_bigger_than_one_read_alone_is_dead_lettered_and_others_a
     assert all(by_id[i][b"reason"] == b"unsigned" for i in ids)  # read alone, then judged
     assert recorder.ids == ["after"]
     assert await pending(redis_client, NORMAL, "a") == 0
+
+
+async def test_a_broadcast_reader_skips_an_entry_too_large_to_discard(
+    make_client: Callable[..., OonaClient], redis_client: aioredis.Redis
+) -> None:
+    client = make_client()
+    recorder = Recorder(2)
+    reader = client.broadcast(NORMAL, recorder, types={CMD}, start_id="0-0")
+    await client.publish_command(command("before"))
+    await redis_client.xadd(NORMAL, {f"f{i}".encode(): b"v" for i in range(70_000)})  # type: ignore[arg-type]
+    await client.publish_command(command("after"))
+    async with running(reader.run, "bcast"):
+        await recorder.wait()
+    assert recorder.ids == ["before", "after"]
+    assert client.metrics_snapshot()[f"rejected.{NORMAL}.oversized"] == 1

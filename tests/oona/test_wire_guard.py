@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from esper.oona.wire_guard import OmittedValue, bounded_parser
+from esper.oona.wire_guard import OmittedValue, OversizedEntry, bounded_parser
 
 
 @pytest.fixture
@@ -90,6 +90,17 @@ async def test_arrays_over_max_items_are_discarded_and_the_connection_stays_usab
     assert isinstance(fields[b"payload"], OmittedValue)
     assert await guarded.lrange("list", 0, 2) == items[:3]
     assert await guarded.ping()
+
+
+async def test_an_array_too_large_to_discard_drops_the_connection_and_names_the_entry(
+    guarded: aioredis.Redis, redis_client: aioredis.Redis
+) -> None:
+    await redis_client.xadd("s", {b"payload": b"ok"}, id="1-0")
+    await redis_client.xadd("s", {f"f{i}".encode(): b"v" for i in range(600)}, id="2-0")  # 1200 > 64 * 16
+    with pytest.raises(OversizedEntry) as refused:
+        await guarded.xrange("s")
+    assert (refused.value.entry_id, refused.value.elements) == ("2-0", 1200)
+    assert await guarded.xrange("s", "1-0", "1-0") == [(b"1-0", {b"payload": b"ok"})]
 
 
 def test_the_reply_budget_must_hold_one_value() -> None:
