@@ -33,7 +33,8 @@ local group, consumer = ARGV[1], ARGV[2]
 local ttl, cap, dlq_cap = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local source_name, count, nstreams = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
 
-for i = 1, #KEYS do
+-- KEYS[1] is the stream this consumer just read; XPENDING on it fails before any write anyway.
+for i = 2, #KEYS do
   local want = (i <= 2 + nstreams) and 'stream' or 'string'
   local t = redis.call('TYPE', KEYS[i])['ok']
   if t ~= 'none' and t ~= want then
