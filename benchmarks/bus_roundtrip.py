@@ -1,19 +1,19 @@
-"""Raw Redis Streams versus Oona's signed, verified bus on one private server.
+"""Raw Redis Streams versus Oona's signed, verified bus on one private server, in the same run.
 
-Both paths make the same Redis calls batched the same way (XADD per message;
-XREADGROUP with the same COUNT and BLOCK; one XACK per batch), through
-identically configured redis-py clients. Oona adds the
-envelope, HMAC signing, verification and the pipelined replay SET NX.
-A round trip is timed from the publish call until the consumer's XACK has
-returned, i.e. the whole XADD → XREADGROUP → (handler) → XACK cycle.
+Raw: XADD → XREADGROUP → XACK. Oona: publish (envelope, HMAC, XADD) → subscription (XREADGROUP,
+verification, the replay-key read, the handler) → commit (replay claim + XACK in one script).
+Both use identically configured redis-py clients (Oona's connection factory) and the same batch
+size and block time. A round trip is timed from the publish call until the consumer's ack has
+returned (raw: XACK; Oona: the commit, reported by ``on_committed``).
 
-Run: .venv/bin/python benchmarks/bus_roundtrip.py   (last line is JSON)
+Run: .venv/bin/python benchmarks/bus_roundtrip.py   (last line is JSON; BENCH_N messages, default 5000)
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -23,23 +23,37 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from esper.core.redis_server import RedisServer, ServerOptions
+from esper.core.worker import running
 from esper.leyline import leyline_pb2 as pb
-from esper.oona import OonaClient, OonaMessage, StreamConfig
+from esper.oona import DeliveryPolicy, OonaClient, OonaMessage, StreamConfig
+from esper.oona.connection import connect
 from esper.security.signing import KeyRing
 
-N = int(__import__("os").environ.get("BENCH_N", "5000"))
+N = int(os.environ.get("BENCH_N", "5000"))
 BATCH = 100
 IN_FLIGHT = 48
+BLOCK_MS = 200
 BODY = pb.AdaptationCommand(command_id="x" * 260).SerializeToString()  # ~300 bytes on the wire
 CMD = pb.BUS_MESSAGE_TYPE_ADAPTATION_COMMAND
 GROUP = "bench"
+SECRET = b"benchmark-secret-0123456789abcdef"
+
+
+def _config(instance: str) -> StreamConfig:
+    return StreamConfig(
+        instance=instance,
+        block_ms=BLOCK_MS,
+        max_stream_length=None,
+        hard_cap=None,
+        delivery=DeliveryPolicy(batch=BATCH),
+    )
 
 
 async def _raw_consumer(
     redis: aioredis.Redis, stream: str, on_message: Callable[[], None], stop: asyncio.Event
 ) -> None:
     while not stop.is_set():
-        reply = await redis.xreadgroup(GROUP, "raw-1", {stream: ">"}, count=BATCH, block=200)
+        reply = await redis.xreadgroup(GROUP, "raw-0", {stream: ">"}, count=BATCH, block=BLOCK_MS)
         for _stream, entries in reply or []:
             ids = []
             for entry_id, fields in entries:
@@ -53,7 +67,7 @@ async def _raw_consumer(
 async def _drive(
     publish: Callable[[int], Awaitable[object]], arrived: asyncio.Queue[float]
 ) -> tuple[float, float]:
-    """(p50 one-at-a-time latency in ms, throughput msgs/s)."""
+    """(p50 one-at-a-time latency in ms, throughput msgs/s with IN_FLIGHT publishers)."""
     latencies = []
     for i in range(N):
         start = time.perf_counter()
@@ -77,13 +91,7 @@ async def _drive(
 
 async def bench_raw(url: str) -> tuple[float, float]:
     stream = "raw.bench"
-    # The same redis-py client set-up as Oona's (pool, socket timeout above the
-    # block time, no hidden retries), so the ratio measures the bus protocol -
-    # envelopes, signing, verification, replay guard - not client settings.
-    config = StreamConfig(group=GROUP, consumer="raw-1", block_ms=200)
-    ring = KeyRing(b"benchmark-secret-0123456789abcdef")
-    pub_client, sub_client = OonaClient(url, config, ring), OonaClient(url, config, ring)
-    pub, sub = pub_client.redis, sub_client.redis
+    pub, sub = connect(url, _config("raw-pub")), connect(url, _config("raw-0"))
     await pub.xgroup_create(stream, GROUP, id="0", mkstream=True)
     arrived: asyncio.Queue[float] = asyncio.Queue()
     stop = asyncio.Event()
@@ -95,36 +103,31 @@ async def bench_raw(url: str) -> tuple[float, float]:
 
         result = await _drive(publish, arrived)
         stop.set()
-    await pub_client.aclose()
-    await sub_client.aclose()
+    await pub.aclose()
+    await sub.aclose()
     return result
 
 
 async def bench_oona(url: str) -> tuple[float, float]:
-    ring = KeyRing(b"benchmark-secret-0123456789abcdef")
-    config = StreamConfig(group=GROUP, consumer="oona-1", block_ms=200)
-    pub = OonaClient(url, config, ring)
-    sub = OonaClient(url, config, ring)
-    await pub.ensure_consumer_groups()
+    ring = KeyRing(SECRET)
+    pub, sub = OonaClient(url, _config("oona-pub"), ring), OonaClient(url, _config("oona-0"), ring)
     arrived: asyncio.Queue[float] = asyncio.Queue()
 
     async def handler(message: OonaMessage) -> None:
         _ = message.payload
 
-    def acked(ids: list[str]) -> None:
+    def committed(ids: list[str]) -> None:
         for _ in ids:
             arrived.put_nowait(time.perf_counter())
 
-    consumer = sub.consumer(config.normal_stream, handler, types={CMD}, batch=BATCH, on_acked=acked)
-    async with asyncio.TaskGroup() as group:
-        group.create_task(consumer.run())
+    subscription = sub.subscribe("oona.normal", GROUP, handler, types={CMD}, on_committed=committed)
+    async with running(subscription.run, "bench"):
 
         async def publish(i: int) -> None:
-            result = await pub.publish(config.normal_stream, CMD, BODY)
+            result = await pub.publish(CMD, BODY)
             assert result.ok, result
 
         result = await _drive(publish, arrived)
-        await consumer.stop()
     snap = sub.metrics_snapshot()
     assert snap.get("consumed.oona.normal") == 2 * N, snap
     await pub.aclose()

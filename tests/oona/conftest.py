@@ -19,6 +19,7 @@ def keyring() -> KeyRing:
 
 @pytest.fixture
 async def make_client(redis_url: str, keyring: KeyRing) -> AsyncIterator[Callable[..., OonaClient]]:
+    """``make_client(instance="a-0", **config overrides)``; every client is closed afterwards."""
     clients: list[OonaClient] = []
 
     def factory(url: str | None = None, ring: KeyRing | None = None, **overrides: Any) -> OonaClient:

@@ -1,4 +1,4 @@
-"""Publishing: wire format, signing, routing, backpressure, group creation."""
+"""Publishing: wire format, signing, routing per message, the hard cap, backpressure, metrics."""
 
 from __future__ import annotations
 
@@ -10,62 +10,59 @@ from collections.abc import Callable
 
 import pytest
 import redis.asyncio as aioredis
-from oona_helpers import SECRET, Recorder, running
+from oona_helpers import CMD, NORMAL, SECRET, Recorder, command
 
 from esper.core.settings import EsperSettings
+from esper.core.worker import running
 from esper.leyline import leyline_pb2 as pb
 from esper.oona import OonaClient, StreamConfig
-
-ALL_STREAMS = {
-    "oona.normal",
-    "oona.emergency",
-    "oona.telemetry",
-    "oona.policy",
-    "oona.kernels.requests",
-    "oona.kernels.ready",
-    "oona.kernels.errors",
-    "oona.deadletter",
-}
 
 
 def test_client_refuses_to_exist_without_a_keyring(redis_url: str) -> None:
     with pytest.raises(TypeError, match="KeyRing"):
-        OonaClient(redis_url, StreamConfig(group="g", consumer="c"), None)  # type: ignore[arg-type]
+        OonaClient(redis_url, StreamConfig(instance="x"), None)  # type: ignore[arg-type]
 
 
-def test_stream_config_from_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("OONA_CONSUMER_NAME", raising=False)
-    settings = EsperSettings(oona_normal_stream="x.normal", kernel_freshness_window_ms=5000)
-    config = StreamConfig.from_settings(settings, group="weatherlight")
-    assert config.group == "weatherlight"
+def test_stream_config_from_settings() -> None:
+    settings = EsperSettings(
+        oona_normal_stream="x.normal", kernel_freshness_window_ms=5000, oona_claim_idle_ms=7000
+    )
+    config = StreamConfig.from_settings(settings, instance="weatherlight-3")
+    assert config.instance == config.source == "weatherlight-3"
     assert config.normal_stream == "x.normal"
     assert config.freshness_window_ms == 5000
-    assert config.consumer.startswith("weatherlight-")
-    assert config.consumer.endswith(str(__import__("os").getpid()))
+    assert config.delivery.claim_idle_ms == 7000
     assert len(config.streams) == 8
+    assert config.streams[-1] == "oona.deadletter"
     assert config.socket_timeout_s > config.block_ms / 1000
+    with pytest.raises(ValueError, match="block_ms"):
+        StreamConfig(instance="x", block_ms=0)
 
 
 async def test_entry_is_signed_v1_compatible_with_attributes(
     make_client: Callable[..., OonaClient], redis_client: aioredis.Redis
 ) -> None:
     client = make_client(source="unit")
-    result = await client.publish_command(pb.AdaptationCommand(command_id="cmd-1"))
+    result = await client.publish_command(command("cmd-1"))
     assert result.ok
-    assert result.stream == "oona.normal"
-    assert result.entry_id
-    [(entry_id, fields)] = await redis_client.xrange("oona.normal")
+    assert result.stream == NORMAL
+    [(entry_id, fields)] = await redis_client.xrange(NORMAL)
+    assert result.entry_id == entry_id.decode()
     assert set(fields) == {b"payload", b"signature", b"kid"}
     expected = base64.b64encode(hmac.digest(SECRET, fields[b"payload"], hashlib.sha256))
-    assert fields[b"signature"] == expected
+    assert fields[b"signature"] == expected  # exactly what a v1 peer computes
+    assert fields[b"kid"] == client.keyring.kid.encode()
     envelope = pb.BusEnvelope.FromString(fields[b"payload"])
-    assert envelope.message_type == pb.BUS_MESSAGE_TYPE_ADAPTATION_COMMAND
+    assert envelope.message_type == CMD
     attrs = dict(envelope.attributes)
     assert set(attrs) == {"issued_at_ms", "nonce", "source"}
     assert attrs["source"] == "unit"
     assert uuid.UUID(hex=attrs["nonce"]).version == 4
-    assert abs(int(attrs["issued_at_ms"]) - int(entry_id.split(b"-")[0])) < 5000
     assert pb.AdaptationCommand.FromString(envelope.payload).command_id == "cmd-1"
+    second = await client.publish_command(command("cmd-1"))
+    [_first, (_id, again)] = await redis_client.xrange(NORMAL)
+    assert second.ok
+    assert pb.BusEnvelope.FromString(again[b"payload"]).attributes["nonce"] != attrs["nonce"]
 
 
 async def test_each_publisher_targets_its_stream(
@@ -82,6 +79,7 @@ async def test_each_publisher_targets_its_stream(
         await client.publish_kernel_artifact_ready(pb.KernelArtifactReady(request_id="r")),
         await client.publish_kernel_artifact_error(pb.KernelArtifactError(request_id="r")),
         await client.publish_kernel_catalog_update(pb.KernelCatalogUpdate(blueprint_id="b")),
+        await client.publish_command(command("c")),
     ]
     assert [r.stream for r in results] == [
         "oona.normal",
@@ -93,6 +91,7 @@ async def test_each_publisher_targets_its_stream(
         "oona.kernels.ready",
         "oona.kernels.errors",
         "oona.kernels.ready",
+        "oona.normal",
     ]
     assert all(r.ok for r in results)
     types = [
@@ -102,77 +101,87 @@ async def test_each_publisher_targets_its_stream(
     assert types == [pb.BUS_MESSAGE_TYPE_KERNEL_PREFETCH_READY, pb.BUS_MESSAGE_TYPE_KERNEL_CATALOG_UPDATE]
 
 
-async def test_priority_routes_one_message_and_is_not_sticky(
-    make_client: Callable[..., OonaClient],
-) -> None:
+async def test_priority_routes_one_message_and_is_not_sticky(make_client: Callable[..., OonaClient]) -> None:
     client = make_client()
     high = await client.publish_telemetry(pb.TelemetryPacket(), priority=pb.MESSAGE_PRIORITY_CRITICAL)
     normal = await client.publish_telemetry(pb.TelemetryPacket(), priority=pb.MESSAGE_PRIORITY_NORMAL)
-    request = await client.publish_kernel_prefetch_request(pb.KernelPrefetchRequest(request_id="r"))
+    urgent_state = await client.publish(
+        pb.BUS_MESSAGE_TYPE_SYSTEM_STATE, pb.SystemStatePacket(), priority=pb.MESSAGE_PRIORITY_HIGH
+    )
     plain = await client.publish_telemetry(pb.TelemetryPacket())
-    assert high.stream == "oona.emergency"
-    assert normal.stream == "oona.telemetry"
-    assert request.stream == "oona.kernels.requests"
-    assert plain.stream == "oona.telemetry"
+    assert [high.stream, normal.stream, urgent_state.stream, plain.stream] == [
+        "oona.emergency",
+        "oona.telemetry",
+        "oona.emergency",
+        "oona.telemetry",
+    ]
+    with pytest.raises(ValueError, match="no stream"):
+        await client.publish(pb.BUS_MESSAGE_TYPE_UNSPECIFIED, b"")
 
 
-async def test_group_created_after_publish_still_delivers(make_client: Callable[..., OonaClient]) -> None:
-    client = make_client()
-    await client.publish_command(pb.AdaptationCommand(command_id="early"))
-    await client.ensure_consumer_groups()
-    await client.ensure_consumer_groups()  # BUSYGROUP is ignored
-    infos = {s: await client.redis.xinfo_groups(s) for s in client.config.streams}
-    assert set(infos) == ALL_STREAMS
-    assert all(len(v) == 1 for v in infos.values())
-    recorder = Recorder(1)
-    consumer = client.consumer("oona.normal", recorder, types={pb.BUS_MESSAGE_TYPE_ADAPTATION_COMMAND})
-    async with running(consumer):
-        await recorder.wait()
-    assert recorder.messages[0].decode(pb.AdaptationCommand).command_id == "early"
-    assert recorder.messages[0].attempt == 1
+async def test_publish_refuses_oversized_and_caps_the_stream(
+    make_client: Callable[..., OonaClient], redis_client: aioredis.Redis
+) -> None:
+    client = make_client(max_payload_bytes=2048, hard_cap=100)
+    refused = await client.publish_command(command("x" * 4000))
+    assert (refused.ok, refused.reason, refused.entry_id) == (False, "oversized", None)
+    assert await redis_client.exists(NORMAL) == 0
+    for i in range(1000):
+        assert (await client.publish_command(command(f"{i}"))).ok
+    # Approximate MAXLEN: whole nodes are cut, so the stream stays near the cap, never near 1000.
+    assert 100 <= await redis_client.xlen(NORMAL) < 300
+    assert client.metrics_snapshot()["publish_failed.oona.normal.oversized"] == 1
 
 
-async def test_backpressure_uses_pending_depth_not_length(make_client: Callable[..., OonaClient]) -> None:
-    client = make_client(backpressure={"oona.kernels.requests": 2}, depth_refresh_ms=0)
-    await client.ensure_consumer_groups()
+async def test_backpressure_uses_pending_depth_of_any_group(
+    make_client: Callable[..., OonaClient], redis_client: aioredis.Redis
+) -> None:
     stream = "oona.kernels.requests"
+    client = make_client(backpressure={stream: 2}, depth_refresh_ms=0)
     for i in range(2):
         assert (await client.publish_kernel_prefetch_request(pb.KernelPrefetchRequest(request_id=f"{i}"))).ok
-    # Deliver both without acking: pending = 2 reaches the threshold.
-    await client.redis.xreadgroup("test", "c1", {stream: ">"}, count=10)
+    await redis_client.xgroup_create(stream, "fast", id="0")
+    await redis_client.xgroup_create(stream, "slow", id="0")
+    await redis_client.xreadgroup("fast", "f", {stream: ">"}, count=10)
+    ids = [eid for eid, _ in await redis_client.xrange(stream)]
+    await redis_client.xack(stream, "fast", *ids)
+    # "fast" holds nothing, "slow" has read nothing: no pending depth yet, publishing goes on.
+    assert (await client.publish_kernel_prefetch_request(pb.KernelPrefetchRequest(request_id="2"))).ok
+    await redis_client.xreadgroup("slow", "s", {stream: ">"}, count=10)  # 3 pending in "slow"
     refused = await client.publish_kernel_prefetch_request(pb.KernelPrefetchRequest(request_id="x"))
-    assert not refused.ok
-    assert refused.reason == "backpressure"
-    assert refused.entry_id is None
+    assert (refused.ok, refused.reason, refused.entry_id) == (False, "backpressure", None)
     assert client.metrics_snapshot()[f"backpressure.{stream}"] == 1
-    assert client.publish_breaker.state == pb.CIRCUIT_STATE_CLOSED  # refusals are not failures
-    # Other streams are unaffected; acking drains the depth even though XLEN stays 2.
-    assert (await client.publish_command(pb.AdaptationCommand())).ok
-    ids = [eid for eid, _ in await client.redis.xrange(stream)]
-    await client.redis.xack(stream, "test", *ids)
-    assert await client.redis.xlen(stream) == 2
+    assert client.publish_breaker.state == pb.CIRCUIT_STATE_CLOSED  # a refusal is not a failure
+    assert (await client.publish_command(command("other stream"))).ok
+    await redis_client.xack(stream, "slow", *[eid for eid, _ in await redis_client.xrange(stream)])
     assert (await client.publish_kernel_prefetch_request(pb.KernelPrefetchRequest(request_id="y"))).ok
 
 
-async def test_metrics_snapshot_and_packet(make_client: Callable[..., OonaClient]) -> None:
+async def test_metrics_snapshot_histograms_and_packet(
+    make_client: Callable[..., OonaClient], redis_client: aioredis.Redis
+) -> None:
     client = make_client()
-    await client.ensure_consumer_groups()
-    await client.publish_command(pb.AdaptationCommand())
-    await client.refresh_depths()
+    recorder = Recorder(1)
+    sub = client.subscribe(NORMAL, "g", recorder, types={CMD})
+    async with running(sub.run, "sub"):
+        await client.publish_command(command("m"))
+        await recorder.wait()
+    report = await client.housekeeping()
+    assert report.pending[NORMAL] == {"g": 0}
     snap = client.metrics_snapshot()
     assert snap["published.oona.normal"] == 1
+    assert snap["consumed.oona.normal"] == 1
     assert snap["publish_latency_ms.count"] == 1
-    assert snap["pending.oona.normal"] == 0
+    assert snap["pending.oona.normal.g"] == 0
     packet = client.metrics_packet()
     names = {m.name for m in packet.metrics}
     assert packet.source_subsystem == "oona"
-    assert all(name.startswith("oona.") for name in names)
-    assert {
-        "oona.deadletter.total",
-        "oona.pending.oona.kernels.requests",
-        "oona.published.oona.normal",
-    } <= names
-    histogram = client.metrics.registry.get_sample_value(
-        "oona_publish_latency_seconds_count", {"stream": "oona.normal"}
-    )
-    assert histogram == 1
+    assert {"oona.deadletter.total", "oona.published.oona.normal", "oona.trimmed_unread.total"} <= names
+    registry = client.metrics.registry
+    assert registry.get_sample_value("oona_publish_latency_seconds_count", {"stream": NORMAL}) == 1
+    assert registry.get_sample_value("oona_handler_latency_seconds_count", {"stream": NORMAL}) == 1
+
+
+def test_read_budget_must_hold_two_payloads_and_framing() -> None:
+    with pytest.raises(ValueError, match="two payloads"):
+        StreamConfig(instance="x", max_payload_bytes=2048, max_read_bytes=8192)

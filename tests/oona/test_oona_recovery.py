@@ -1,127 +1,133 @@
-"""Crash and restart: nothing lost, nothing handled twice after success."""
+"""Outages: a server restart, a server that drops every connection, and stopping an idle reader."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Callable
+import time
+from collections.abc import AsyncIterator, Callable
 
+import pytest
 import redis.asyncio as aioredis
-from oona_helpers import Recorder, running
+from oona_helpers import CMD, NORMAL, Recorder, command
 
-from esper.core.redis_server import RedisServer, ServerOptions
+from esper.core.redis_server import RedisServer
+from esper.core.worker import WorkerContext, running
 from esper.leyline import leyline_pb2 as pb
-from esper.oona import OonaClient, OonaMessage
-
-CMD = pb.BUS_MESSAGE_TYPE_ADAPTATION_COMMAND
-STREAM = "oona.normal"
+from esper.oona import OonaClient
 
 
-async def test_killed_consumer_pending_entries_are_claimed_and_processed(
-    make_client: Callable[..., OonaClient], redis_client: aioredis.Redis
-) -> None:
-    first = make_client(consumer="dies", retry_idle_ms=300)
-    second = make_client(consumer="survives", retry_idle_ms=300)
-    await first.ensure_consumer_groups()
-    for i in range(6):
-        await first.publish_command(pb.AdaptationCommand(command_id=f"m{i}"))
-    handled: list[str] = []
-    blocked = asyncio.Event()
+class DroppingServer:
+    """A TCP server that closes every connection at once; each accepted connection is counted."""
 
-    async def stuck_on_third(message: OonaMessage) -> None:
-        command_id = message.decode(pb.AdaptationCommand).command_id
-        if command_id == "m2":
-            blocked.set()
-            await asyncio.Event().wait()  # blocks until cancelled
-        handled.append(command_id)
+    def __init__(self) -> None:
+        self.connections: asyncio.Queue[float] = asyncio.Queue()
+        self.count = 0
+        self.server: asyncio.Server | None = None
 
-    doomed = first.consumer(STREAM, stuck_on_third, types={CMD}, batch=6)
-    task = asyncio.create_task(doomed.run())
-    await asyncio.wait_for(blocked.wait(), 10)
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    assert handled == ["m0", "m1"]
-    # m0 and m1 succeeded before the crash and were acked; m2..m5 are left pending.
-    pending = await redis_client.xpending(STREAM, "test")
-    assert pending["pending"] == 4
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.count += 1
+        self.connections.put_nowait(time.monotonic())
+        writer.close()
 
-    rest = Recorder(4)
-
-    async def record(message: OonaMessage) -> None:
-        handled.append(message.decode(pb.AdaptationCommand).command_id)
-        await rest(message)
-
-    async with running(second.consumer(STREAM, record, types={CMD})):
-        await rest.wait()
-    assert sorted(handled) == [f"m{i}" for i in range(6)]  # none lost, none twice
-    assert (await redis_client.xpending(STREAM, "test"))["pending"] == 0
-    assert await redis_client.xlen("oona.deadletter") == 0
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
 
 
-async def test_graceful_stop_finishes_in_flight_and_acks(
-    make_client: Callable[..., OonaClient], redis_client: aioredis.Redis
-) -> None:
-    client = make_client()
-    await client.ensure_consumer_groups()
-    started = asyncio.Event()
-    release = asyncio.Event()
-    finished: list[str] = []
-
-    async def slow(message: OonaMessage) -> None:
-        started.set()
-        await release.wait()
-        finished.append(message.entry_id)
-
-    await client.publish_command(pb.AdaptationCommand())
-    consumer = client.consumer(STREAM, slow, types={CMD})
-    async with asyncio.TaskGroup() as group:
-        group.create_task(consumer.run())
-        await asyncio.wait_for(started.wait(), 10)
-        stopper = group.create_task(consumer.stop())
-        await asyncio.sleep(0)
-        assert not stopper.done()
-        release.set()
-    assert len(finished) == 1
-    assert (await redis_client.xpending(STREAM, "test"))["pending"] == 0
+@pytest.fixture
+async def dropping() -> AsyncIterator[DroppingServer]:
+    server = DroppingServer()
+    server.server = await asyncio.start_server(server._accept, "127.0.0.1", 0)
+    try:
+        yield server
+    finally:
+        server.server.close()
+        await server.server.wait_closed()
 
 
-async def test_server_restart_with_append_only_loses_nothing(
+async def test_after_a_server_restart_the_bus_answers_again_at_once(
     redis_server_factory: Callable[..., RedisServer], make_client: Callable[..., OonaClient]
 ) -> None:
     server = redis_server_factory(append_only=True)
-    data_dir, port = server.options.data_dir, server.port
-    publisher = make_client(server.url, breaker_timeout_ms=100)
-    consumer_client = make_client(server.url, reconnect_base_ms=20, reconnect_max_ms=200)
-    await publisher.ensure_consumer_groups()
-    total = 60
-    got: set[str] = set()
-    all_in = asyncio.Event()
+    client = make_client(server.url)
+    recorder = Recorder(1)
+    sub = client.subscribe(NORMAL, "a", recorder, types={CMD})
+    async with running(sub.run, "a"):
+        assert (await client.publish_command(command("before"))).ok
+        await recorder.wait()
+        await asyncio.to_thread(server.stop)
+        await asyncio.to_thread(server.start)  # the same port and data
+        back = time.monotonic()
+        # Every pooled connection is dead now; the first command on one is retried once.
+        assert (await client.publish_command(command("after"))).ok
+        recorder.expect(2)
+        await recorder.wait()
+        answered_s = time.monotonic() - back
+    assert recorder.ids == ["before", "after"]
+    assert answered_s < 3.0  # behaviour about time: within a couple of seconds, generous bound
+    assert client.publish_breaker.state == pb.CIRCUIT_STATE_CLOSED
+    assert not client.problems()
 
-    async def handler(message: OonaMessage) -> None:
-        got.add(message.decode(pb.AdaptationCommand).command_id)
-        if len(got) == total:
-            all_in.set()
 
-    async def publish(i: int) -> None:
-        # While the server is down the publish breaker opens and each retry waits for it.
-        while not (await publisher.publish_command(pb.AdaptationCommand(command_id=f"c{i}"))).ok:
-            pass
+async def test_an_open_publish_breaker_refuses_without_touching_the_server(
+    dropping: DroppingServer, make_client: Callable[..., OonaClient]
+) -> None:
+    client = make_client(
+        dropping.url, breaker_failure_threshold=2, breaker_open_ms=60_000, publish_breaker_wait_ms=20
+    )
+    results = [await client.publish_command(command("x")) for _ in range(2)]
+    assert [r.reason for r in results] == ["redis_error", "redis_error"]
+    assert client.publish_breaker.state == pb.CIRCUIT_STATE_OPEN
+    assert client.consume_breaker.state == pb.CIRCUIT_STATE_CLOSED  # publish failures stay on their side
+    tried = dropping.count
+    assert tried >= 2
+    refused = [await client.publish_command(command("x")) for _ in range(3)]
+    assert [r.reason for r in refused] == ["breaker_open"] * 3
+    assert dropping.count == tried  # no connection was attempted while open
+    assert client.publish_breaker.waits == 3  # each refusal waited (up to 20 ms) instead of spinning
+    assert any("publish is open" in problem for problem in client.problems())
 
-    consumer = consumer_client.consumer(STREAM, handler, types={CMD}, batch=5)
-    restarted: RedisServer | None = None
+
+async def test_a_reader_waits_out_an_outage_with_growing_backoff_instead_of_spinning(
+    dropping: DroppingServer, make_client: Callable[..., OonaClient]
+) -> None:
+    client = make_client(
+        dropping.url, breaker_failure_threshold=2, reconnect_base_ms=100, reconnect_max_ms=400
+    )
+    sub = client.subscribe(NORMAL, "a", Recorder(), types={CMD})
+    # Run without ``running``: the reader never starts (no group can be created), and cancelling
+    # it during an outage must end it.
+    ctx_task = asyncio.create_task(sub.run(WorkerContext("outage")))
     try:
-        async with running(consumer):
-            for i in range(total // 2):
-                await publish(i)
-            server.kill()  # SIGKILL: appended writes are in the AOF file (page cache) already
-            restarted = RedisServer(ServerOptions(data_dir=data_dir, append_only=True, port=port))
-            await asyncio.to_thread(restarted.start)
-            for i in range(total // 2, total):
-                await publish(i)
-            await asyncio.wait_for(all_in.wait(), 20)
+        stamps = [await asyncio.wait_for(dropping.connections.get(), 10) for _ in range(8)]
     finally:
-        if restarted is not None:
-            restarted.stop()
-    assert got == {f"c{i}" for i in range(total)}
-    assert consumer.reconnects >= 1
+        ctx_task.cancel()
+        done, _pending = await asyncio.wait({ctx_task}, timeout=10)
+    assert done  # a cancellation during an outage ends the reader
+    assert ctx_task.cancelled()
+    # Each failed call is two connections (the connection's one retry), then a wait of
+    # 100, 200, 400, 400 ms: the behaviour is about time, so the lower bound is the assertion.
+    assert stamps[-1] - stamps[0] >= 0.9 * (0.1 + 0.2 + 0.4)
+    assert client.consume_breaker.state in (pb.CIRCUIT_STATE_OPEN, pb.CIRCUIT_STATE_HALF_OPEN)
+    assert client.publish_breaker.state == pb.CIRCUIT_STATE_CLOSED
+    assert any("cannot read" in problem for problem in client.problems())
+
+
+async def test_stop_abandons_an_idle_read_at_once_and_loses_nothing(
+    make_client: Callable[..., OonaClient], redis_client: aioredis.Redis
+) -> None:
+    client = make_client(block_ms=30_000)
+    recorder = Recorder(1)
+    sub = client.subscribe(NORMAL, "a", recorder, types={CMD})
+    async with running(sub.run, "a"):
+        await client.publish_command(command("one"))
+        await recorder.wait()
+        stopping = time.monotonic()
+    assert time.monotonic() - stopping < 5.0  # far below the 30 s block: the read was abandoned
+    await client.publish_command(command("two"))
+    async with running(sub.run, "a"):
+        recorder.expect(2)
+        await recorder.wait()
+    assert recorder.ids == ["one", "two"]
+    assert int((await redis_client.xpending(NORMAL, "a"))["pending"]) == 0

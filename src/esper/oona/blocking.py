@@ -31,8 +31,9 @@ class BlockingRead:
         self._parked = task
         try:
             return await call()
-        except asyncio.CancelledError:
-            if self._abandoning and task is not None and task.uncancel() == 0:
+        except BaseException:
+            # Our own cancellation, or the error the Redis client turned it into: taken back.
+            if self._abandoning and task is not None and task.cancelling() and task.uncancel() == 0:
                 return None
             raise
         finally:

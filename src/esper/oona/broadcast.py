@@ -13,6 +13,7 @@ no retry, because there is no group to hold the entry.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Collection
 from typing import Any
@@ -25,8 +26,9 @@ from esper.oona import envelope
 from esper.oona.blocking import BlockingRead
 from esper.oona.delivery import has_deferred
 from esper.oona.envelope import Accepted, Rejection
-from esper.oona.link import REDIS_FAILURES, TRANSIENT, Link
+from esper.oona.link import REDIS_FAILURES, TRANSIENT, Link, honour_cancellation
 from esper.oona.messages import Handler, RejectMessage, RejectReason
+from esper.oona.wire_guard import OversizedEntry
 
 _log = get_logger("esper.oona.broadcast")
 
@@ -85,15 +87,33 @@ class BroadcastReader:
             return
         ctx.started()
         redis, c = self.link.redis, self.link.config
+        count = self.batch
         while not ctx.stopping.is_set():
             try:
-                raw: Any = await reader.read(
-                    lambda: redis.xread({self._key: self.last_id}, count=self.batch, block=c.block_ms)
+                read = functools.partial(
+                    redis.xread, {self._key: self.last_id}, count=count, block=c.block_ms
                 )
+                raw: Any = await reader.read(read)
                 entries = [(_text(i), f) for _s, batch in raw or [] for i, f in batch]
                 if entries:
                     await self._process(ctx, entries)
                     self.last_id = entries[-1][0]
+                count = self.batch
+            except OversizedEntry as exc:
+                # Too large even to discard: read one entry at a time up to it, then skip it.
+                if count == 1 and exc.entry_id is not None:
+                    self.link.metrics.on_rejected(self.stream, RejectReason.OVERSIZED.value)
+                    _log.warning(
+                        "oona.broadcast_rejected",
+                        stream=self.stream,
+                        entry_id=exc.entry_id,
+                        reason="oversized",
+                        detail=str(exc),
+                    )
+                    self.last_id, count = exc.entry_id, self.batch
+                else:
+                    count = 1
+                continue
             except REDIS_FAILURES as exc:
                 await self._outage(ctx, exc)
                 continue
@@ -102,6 +122,7 @@ class BroadcastReader:
             ctx.progress()
 
     async def _outage(self, ctx: WorkerContext, exc: BaseException) -> None:
+        honour_cancellation()
         text = f"{type(exc).__name__}: {exc}"[:200]
         self.link.health.report(f"broadcast:{self.stream}", f"broadcast reader of {self.stream}: {text}")
         _log.warning("oona.broadcast_redis_error", stream=self.stream, error=text, retry_in_s=self._backoff_s)

@@ -37,6 +37,7 @@ from esper.oona.link import REDIS_FAILURES
 from esper.oona.scripts import REPLAY
 
 EXIT_REFUSED = 1
+_PAGE = 200
 _GUARDED_REASONS = frozenset({"stale", "future", "replay"})
 
 
@@ -72,9 +73,16 @@ def _client(settings: EsperSettings) -> OonaClient:
 async def _dlq_list(settings: EsperSettings, limit: int) -> int:
     async with _client(settings) as client:
         stream = client.keys.stream(client.config.dead_letter_stream)
-        entries: Any = await client.redis.xrevrange(stream, count=limit)
-        for entry_id, fields in entries:
-            print(json.dumps(_summary(entry_id, fields, full=False)))
+        # Pages well below the reply parser's cap on array sizes (see wire_guard.py).
+        newest, left = "+", limit
+        while left > 0:
+            entries: Any = await client.redis.xrevrange(stream, max=newest, count=min(left, _PAGE))
+            for entry_id, fields in entries:
+                print(json.dumps(_summary(entry_id, fields, full=False)))
+            if len(entries) < min(left, _PAGE):
+                break
+            left -= len(entries)
+            newest = "(" + _text(entries[-1][0])
     return 0
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -33,7 +33,7 @@ from esper.oona.config import DeliveryPolicy, StreamConfig
 from esper.oona.connection import connect
 from esper.oona.housekeeping import Housekeeper, HousekeepingReport
 from esper.oona.keys import KeySpace
-from esper.oona.link import REDIS_FAILURES, Link
+from esper.oona.link import REDIS_FAILURES, Link, honour_cancellation
 from esper.oona.messages import Handler, PublishResult, Serializable
 from esper.oona.metrics import OonaMetrics
 from esper.oona.subscription import Subscription
@@ -204,6 +204,7 @@ class OonaClient:
                 approximate=True,
             )
         except REDIS_FAILURES as exc:
+            honour_cancellation()
             breaker.record_failure()
             metrics.on_publish_failed(target, "redis_error")
             _log.warning("oona.publish_failed", stream=target, error=f"{type(exc).__name__}: {exc}"[:200])
@@ -263,6 +264,7 @@ class OonaClient:
         except ResponseError:
             depth = 0  # no stream or no group yet: nothing is pending
         except REDIS_FAILURES:
+            honour_cancellation()
             return cached[1] if cached else None
         self._depths[stream] = (now, depth)
         return depth
@@ -278,15 +280,24 @@ class OonaClient:
         types: Collection[int],
         ignore_types: Collection[int] = (),
         policy: DeliveryPolicy | None = None,
+        on_committed: Callable[[list[str]], None] | None = None,
     ) -> Subscription:
         """Consume ``stream`` in ``group``: one replica handles each entry; replies commit with its ack.
 
         ``ignore_types`` are other types that legitimately share the stream
         (e.g. commands on ``oona.normal`` for a reader of system states):
         verified, acknowledged and counted as ignored, not dead-lettered.
+        ``on_committed`` is called with the entry ids of every commit.
         """
         return Subscription(
-            self.link, stream, group, handler, types=types, ignore_types=ignore_types, policy=policy
+            self.link,
+            stream,
+            group,
+            handler,
+            types=types,
+            ignore_types=ignore_types,
+            policy=policy,
+            on_committed=on_committed,
         )
 
     def broadcast(
@@ -331,6 +342,7 @@ class OonaClient:
             async with asyncio.timeout(timeout_s):
                 await self.link.redis.set(key, b"1", px=5_000)
         except REDIS_FAILURES as exc:
+            honour_cancellation()
             return f"{type(exc).__name__}: {exc}"[:200]
         return None
 

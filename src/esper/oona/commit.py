@@ -6,7 +6,7 @@ A subscription ends every entry it read with exactly one item:
   another group, an entry deleted while pending);
 - :class:`DeadLetter`: copy it to the dead-letter stream with a reason;
 - :class:`Done`: the handler finished; claim its replay key and publish its
-  replies.
+  replies (a key claimed already, by any entry, makes it a ``replay``).
 
 :class:`Committer` sends a batch of them in one EVALSHA and returns one
 status per item. Because the script only touches entries still pending for

@@ -24,6 +24,8 @@ KERNEL_REQUEST_STREAM = "oona.kernels.requests"
 KERNEL_READY_STREAM = "oona.kernels.ready"
 KERNEL_ERROR_STREAM = "oona.kernels.errors"
 DEAD_LETTER_STREAM = "oona.deadletter"
+#: Headroom of a read over the payload limit (the other fields of an entry, ids, framing).
+VALUE_MARGIN = 64 * 1024
 _URGENT = frozenset({leyline_pb2.MESSAGE_PRIORITY_HIGH, leyline_pb2.MESSAGE_PRIORITY_CRITICAL})
 
 
@@ -122,8 +124,8 @@ class StreamConfig:
             problems.append("block_ms must be > 0 (BLOCK 0 would wait forever)")
         if self.freshness_window_ms <= 0:
             problems.append("freshness_window_ms must be > 0")
-        if self.max_read_bytes < 2 * self.max_payload_bytes:
-            problems.append("max_read_bytes must hold at least two payloads")
+        if self.max_read_bytes < 2 * self.max_payload_bytes + VALUE_MARGIN:
+            problems.append("max_read_bytes must hold at least two payloads (plus 64 KiB of framing)")
         if self.breaker_open_ms <= 0:
             problems.append("breaker_open_ms must be > 0")
         if problems:

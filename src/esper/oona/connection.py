@@ -21,11 +21,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from esper.oona.config import StreamConfig
+from esper.oona.config import VALUE_MARGIN, StreamConfig
 from esper.oona.wire_guard import bounded_parser
-
-#: Headroom of a reply over the payload limit (the other fields of an entry, ids, framing).
-_VALUE_MARGIN = 64 * 1024
 
 
 def connect(url: str, config: StreamConfig) -> aioredis.Redis:
@@ -40,6 +37,6 @@ def connect(url: str, config: StreamConfig) -> aioredis.Redis:
         socket_timeout=config.socket_timeout_s,
         socket_connect_timeout=5.0,
         retry=retry,
-        parser_class=bounded_parser(config.max_payload_bytes + _VALUE_MARGIN, config.max_read_bytes),
+        parser_class=bounded_parser(config.max_payload_bytes + VALUE_MARGIN, config.max_read_bytes),
     )
     return aioredis.Redis(connection_pool=pool, retry=retry)

@@ -1,6 +1,9 @@
 """One delivery of one entry in one group: verify it, run the handler under its deadline, decide.
 
-Every entry a subscription reads ends here in exactly one outcome:
+Every entry a subscription reads ends here in exactly one outcome. Before
+any handler runs, the batch's replay keys are read in one round trip
+(:meth:`Dispatcher.seen`), so a copy of a message already handled is
+dead-lettered as ``replay`` without its handler ever seeing it:
 
 - a commit item (:mod:`esper.oona.commit`): acknowledged, dead-lettered with
   a reason, or done with the handler's signed replies;
@@ -116,6 +119,22 @@ class Dispatcher:
                 max_payload_bytes=c.max_payload_bytes,
             ),
         )
+
+    async def seen(self, batch: Sequence[Accepted]) -> list[bool]:
+        """Which messages' replay keys are claimed already (one MGET): copies, never handled.
+
+        The authoritative claim commits with the entry's ack (:mod:`esper.oona.commit`);
+        this read keeps a copy of a message handled before from reaching its handler at all.
+        """
+        if not batch:
+            return []
+        keys = self.link.keys
+        found = await self.link.redis.mget([keys.replay(self.group, a.replay_key) for a in batch])
+        return [value is not None for value in found]
+
+    def replayed(self, accepted: Accepted, fields: Mapping[bytes, bytes]) -> DeadLetter:
+        self.link.metrics.on_rejected(self.stream, RejectReason.REPLAY.value)
+        return self.dead_letter(accepted.message.entry_id, fields, RejectReason.REPLAY, "nonce already seen")
 
     # -- the handler ----------------------------------------------------------------------
 

@@ -9,7 +9,8 @@ Checks run in the normative order: size → signature → envelope parse →
 expected type → freshness → replay key. Freshness is judged against the
 *reader's* clock, from the signed ``issued_at_ms`` (or a v1 payload's own
 timestamp), never from the entry id, which any writer may choose. The replay
-claim itself needs Redis and happens when the entry is committed.
+key is read before the handler runs and claimed when the entry is committed;
+both need Redis.
 """
 
 from __future__ import annotations

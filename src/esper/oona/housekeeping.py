@@ -12,6 +12,8 @@ Per stream, each pass (run every ``WEATHERLIGHT_HOUSEKEEPING_INTERVAL_S``):
   per-group lag): ``oona_trimmed_unread_total{stream,group}`` and a warning;
 - removes consumers that have been silent for a long time and hold nothing
   (a replica that is gone for good), so groups do not fill with dead names;
+  never before the TTL, since that is when their group stops protecting
+  what it has not read anyway;
 - refreshes the pending-entries gauge of every group.
 
 The dead-letter stream is cut by length only: operators read it, no group does.
@@ -56,14 +58,24 @@ class Housekeeper:
         self._gaps = redis.register_script(COUNT_GAPS)
 
     @property
+    def group_idle_ms(self) -> int:
+        """A group whose consumers have all been silent this long no longer pins what it has not read."""
+        return self.link.config.message_ttl_ms or _DEFAULT_GROUP_IDLE_MS
+
+    @property
     def consumer_expiry_ms(self) -> int:
-        """A consumer silent this long, holding nothing, is removed from its group."""
-        return max(60_000, 4 * self.link.config.delivery.claim_idle_ms)
+        """A consumer silent this long, holding nothing, is removed from its group.
+
+        Never sooner than :attr:`group_idle_ms`: a group left without consumers
+        stops protecting its unread entries at once, so removing a consumer
+        earlier would cut its group's protection short.
+        """
+        return max(self.group_idle_ms, 4 * self.link.config.delivery.claim_idle_ms)
 
     async def run_once(self) -> HousekeepingReport:
         c, keys, redis = self.link.config, self.link.keys, self.link.redis
         report = HousekeepingReport()
-        idle_limit = c.message_ttl_ms or _DEFAULT_GROUP_IDLE_MS
+        idle_limit = self.group_idle_ms
         for stream in c.streams:
             key = keys.stream(stream)
             if stream == c.dead_letter_stream:

@@ -27,7 +27,7 @@ import redis.asyncio as aioredis
 from esper.core.logs import get_logger
 from esper.core.worker import WorkerContext
 from esper.oona.keys import KeySpace
-from esper.oona.link import TRANSIENT
+from esper.oona.link import TRANSIENT, honour_cancellation
 from esper.oona.scripts import LEASE, RELEASE, RENEW
 
 _log = get_logger("esper.oona.lease")
@@ -113,5 +113,6 @@ class InstanceLease:
             try:
                 await self.renew()
             except TRANSIENT as exc:
+                honour_cancellation()
                 _log.warning("oona.lease_renewal_failed", instance=self.name, error=type(exc).__name__)
             ctx.progress()

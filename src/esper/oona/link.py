@@ -39,6 +39,19 @@ TRANSIENT: tuple[type[BaseException], ...] = (
 REDIS_FAILURES: tuple[type[BaseException], ...] = (*TRANSIENT, RedisError)
 
 
+def honour_cancellation() -> None:
+    """Raise ``CancelledError`` if this task was cancelled and the Redis client raised something else.
+
+    redis-py turns a cancellation that arrives while it handles a dead
+    connection into a ``ConnectionError``; a reader that waited that out like
+    any outage could then never be cancelled. Call this first wherever a
+    Redis failure is caught.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class HealthBoard:
     """Named, current problems of a client's paths; an entry disappears when its path recovers."""
 

@@ -9,6 +9,7 @@ mirrors every counter so ``metrics_packet`` can ship them over the bus.
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -82,16 +83,28 @@ class OonaMetrics:
         self.pending = Gauge("oona_pending", "Un-acked entries per group", ["stream", "group"], registry=r)
         self.breaker_state = Gauge("oona_breaker_state", "CircuitBreakerState value", ["breaker"], registry=r)
         self._flat: defaultdict[str, float] = defaultdict(float)
+        # The per-message paths (publish, consume) look their labelled children up once per stream.
+        self._on_publish: dict[str, tuple[Any, Any, str]] = {}
+        self._on_consume: dict[str, tuple[Any, Any, str]] = {}
 
     def _bump(self, key: str, amount: float = 1.0) -> None:
         self._flat[key] += amount
 
     def on_published(self, stream: str, seconds: float | None = None) -> None:
         """One entry published; ``seconds`` is the XADD's latency (None for a committed reply)."""
-        self.published.labels(stream).inc()
-        self._bump(f"published.{stream}")
+        children = self._on_publish.get(stream)
+        if children is None:
+            children = (
+                self.published.labels(stream),
+                self.publish_latency.labels(stream),
+                f"published.{stream}",
+            )
+            self._on_publish[stream] = children
+        count, latency, key = children
+        count.inc()
+        self._bump(key)
         if seconds is not None:
-            self.publish_latency.labels(stream).observe(seconds)
+            latency.observe(seconds)
             self._bump("publish_latency_ms.count")
             self._bump("publish_latency_ms.sum", seconds * 1000)
 
@@ -103,9 +116,18 @@ class OonaMetrics:
             self._bump(f"backpressure.{stream}")
 
     def on_consumed(self, stream: str, seconds: float) -> None:
-        self.consumed.labels(stream).inc()
-        self.handler_latency.labels(stream).observe(seconds)
-        self._bump(f"consumed.{stream}")
+        children = self._on_consume.get(stream)
+        if children is None:
+            children = (
+                self.consumed.labels(stream),
+                self.handler_latency.labels(stream),
+                f"consumed.{stream}",
+            )
+            self._on_consume[stream] = children
+        count, latency, key = children
+        count.inc()
+        latency.observe(seconds)
+        self._bump(key)
         self._bump("handler_latency_ms.count")
         self._bump("handler_latency_ms.sum", seconds * 1000)
 

@@ -23,7 +23,8 @@ from __future__ import annotations
 #   "d" entry nfields f v ...         dead letter, then acknowledge
 #   "c" entry rk ref nreplies (sk payload signature kid)*
 #                                     claim replay key KEYS[rk] (0: none), publish the replies to
-#                                     KEYS[sk] and acknowledge; a replay is dead-lettered instead
+#                                     KEYS[sk] and acknowledge; a replay (the key was claimed
+#                                     already, by whatever entry) is dead-lettered instead
 # Returns one status per item: "ok", "dead", "replay" or "lost" (the entry is no longer pending
 # for this consumer: another consumer took it over, or it was acknowledged already).
 COMMIT = r"""
@@ -32,7 +33,8 @@ local group, consumer = ARGV[1], ARGV[2]
 local ttl, cap, dlq_cap = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local source_name, count, nstreams = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
 
-for i = 1, #KEYS do
+-- KEYS[1] is the stream this consumer just read; XPENDING on it fails before any write anyway.
+for i = 2, #KEYS do
   local want = (i <= 2 + nstreams) and 'stream' or 'string'
   local t = redis.call('TYPE', KEYS[i])['ok']
   if t ~= 'none' and t ~= want then
@@ -104,7 +106,9 @@ for i = 1, count do
       if rk > 0 then
         previous = redis.call('SET', KEYS[rk], ref, 'NX', 'GET', 'PX', ttl)
       end
-      if previous and previous ~= ref then
+      -- Any earlier claim is a copy: the claim commits with the ack, so the same entry cannot
+      -- have claimed it before, unless it was deleted and re-added at its original id.
+      if previous then
         replayed(id)
         status = 'replay'
       else
@@ -228,7 +232,8 @@ local out = {}
 for _, g in ipairs(redis.call('XINFO', 'GROUPS', key)) do
   local name, lag = field(g, 'name'), field(g, 'lag')
   local last = field(g, 'last-delivered-id')
-  local behind = first and less(parse(last), parse(first[1]))
+  -- Behind: every entry after the group's position is gone (an empty stream included).
+  local behind = (not first) or less(parse(last), parse(first[1]))
   if behind and lag then
     local gap = tonumber(lag) - length
     local before = redis.call('HGET', seen, name)

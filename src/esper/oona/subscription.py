@@ -11,13 +11,12 @@ the handler produced commits together with its acknowledgement
    no new entries are read while any wait, so memory stays bounded and the
    problem is reported to the client's health board);
 2. after a start or an outage, this consumer's own pending entries are taken
-   up again at once (stable consumer names make a restarted replica resume
-   its own work without waiting for a claim);
-3. failed deliveries whose backoff has passed are delivered again;
-4. entries held longer than ``claim_idle_ms`` by a consumer that stopped
-   answering are taken over (live consumers keep their long-running entries
-   fresh, so they are never taken from them);
-5. a blocking read of new entries, at most until the next retry is due.
+   up again at once; failed deliveries whose backoff has passed are
+   delivered again; entries held longer than ``claim_idle_ms`` by a consumer
+   that stopped answering are taken over (all three in
+   :mod:`esper.oona.takeover`, which also keeps every entry this consumer
+   holds from looking abandoned);
+3. a blocking read of new entries, at most until the next retry is due.
 
 Errors from Redis never end the worker: they are counted on the consume
 breaker, reported and waited out with backoff; the worker stops only when
@@ -27,6 +26,7 @@ breaker, reported and waited out with backoff; the worker stops only when
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
@@ -41,18 +41,16 @@ from esper.oona.commit import Ack, CommitItem, CommitTarget, Committer, DeadLett
 from esper.oona.config import DeliveryPolicy
 from esper.oona.delivery import Dispatcher, Retry, has_deferred
 from esper.oona.envelope import Accepted
-from esper.oona.link import REDIS_FAILURES, TRANSIENT, Link
+from esper.oona.link import REDIS_FAILURES, TRANSIENT, Link, honour_cancellation
 from esper.oona.messages import Handler, RejectReason
 from esper.oona.scripts import CREATE_GROUP
+from esper.oona.takeover import Delivery, Takeover, text
+from esper.oona.wire_guard import OversizedEntry
 
 _log = get_logger("esper.oona.subscription")
 #: Results of a serial batch are committed together unless the first has waited this long.
 _COMMIT_LINGER_S = 0.005
-Delivery = tuple[str, Mapping[bytes, bytes] | None, int]
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+_STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 
 
 class Subscription:
@@ -113,14 +111,11 @@ class Subscription:
         self._key = link.keys.stream(stream)
         self._create_group = link.redis.register_script(CREATE_GROUP)
         self._health_key = f"{stream}/{group}"
-        self._retries: dict[str, tuple[float, int]] = {}
-        self._in_flight: dict[str, float] = {}
+        self.takeover = Takeover(link, self._key, group, self.consumer, self.policy)
         self._uncommitted: list[CommitItem] = []
         self._queue: list[CommitItem] = []
         self._committing = False
         self._recover = True
-        self._next_claim = 0.0
-        self._claim_cursor = "0-0"
         self._backoff_s = config.reconnect_base_ms / 1000
         self._read = BlockingRead()
 
@@ -137,7 +132,7 @@ class Subscription:
         try:
             async with asyncio.TaskGroup() as group:
                 helpers.append(group.create_task(reader.abandon_when(ctx.stopping)))
-                helpers.append(group.create_task(self._keep_alive(ctx)))
+                helpers.append(group.create_task(self.takeover.keep_alive(ctx)))
                 try:
                     await self._serve(ctx)
                 finally:
@@ -162,12 +157,17 @@ class Subscription:
                 await self._turn(ctx)
             except TRANSIENT as exc:
                 await self._outage(ctx, exc)
+            except OversizedEntry as exc:
+                await self._refuse_unreadable(ctx, exc)
             except RedisError as exc:
-                if "NOGROUP" in str(exc):
-                    self._recover = True
-                    await self.ensure_group()
-                else:
+                if "NOGROUP" not in str(exc):
                     await self._outage(ctx, exc)
+                    continue
+                self._recover = True  # the stream or the group was deleted: create it again
+                try:
+                    await self.ensure_group()
+                except REDIS_FAILURES as again:
+                    await self._outage(ctx, again)
             else:
                 self._recovered()
             ctx.progress()
@@ -181,6 +181,16 @@ class Subscription:
         if created:
             _log.info("oona.group_created", stream=self.stream, group=self.group, start=start)
 
+    async def _refuse_unreadable(self, ctx: WorkerContext, exc: OversizedEntry) -> None:
+        """Dead-letter an entry too large even to discard, unread; the rest of its reply is re-read."""
+        self._recover = True  # the other entries of that reply are pending for this consumer
+        if exc.entry_id is None or not _STREAM_ID.match(exc.entry_id):
+            await self._outage(ctx, exc)
+            return
+        self.link.metrics.on_rejected(self.stream, RejectReason.OVERSIZED.value)
+        detail = f"entry has {exc.elements} fields and values; not read"
+        await self._commit([self.dispatcher.dead_letter(exc.entry_id, {}, RejectReason.OVERSIZED, detail)])
+
     def _recovered(self) -> None:
         breaker = self.link.consume_breaker
         breaker.record_success()
@@ -189,6 +199,7 @@ class Subscription:
 
     async def _outage(self, ctx: WorkerContext, exc: BaseException) -> None:
         """Count, report and wait out a Redis problem; the consumer itself stays alive."""
+        honour_cancellation()
         self.link.consume_breaker.record_failure()
         self._recover = True
         text = f"{type(exc).__name__}: {exc}"[:200]
@@ -207,19 +218,18 @@ class Subscription:
             await ctx.wait_stopping(self._backoff_s)
             self._backoff_s = min(self._backoff_s * 2, self.link.config.reconnect_max_ms / 1000)
             return
+        takeover = self.takeover
         if self._recover:
-            await self._recover_own(ctx)
+            async for page in takeover.own_pending(ctx):
+                await self.process(ctx, page)
             self._recover = False
-        await self._deliver_due_retries(ctx)
-        now = time.monotonic()
-        if now >= self._next_claim:
-            await self._claim_stale(ctx)
-            self._next_claim = now + self.policy.claim_idle_ms / 2000
-        if len(self._retries) >= 4 * self.policy.batch:
-            await ctx.wait_stopping(self._until_next_retry_s() or self.link.config.block_ms / 1000)
+        await self.process(ctx, await takeover.due_retries())
+        await self.process(ctx, await takeover.stale())
+        if len(takeover.retries) >= 4 * self.policy.batch:
+            await ctx.wait_stopping(takeover.until_next_retry_s() or self.link.config.block_ms / 1000)
             return  # hold back new work until failing entries drain
         block_ms = self.link.config.block_ms
-        wait = self._until_next_retry_s()
+        wait = takeover.until_next_retry_s()
         if wait is not None:
             block_ms = max(1, min(block_ms, int(wait * 1000) + 1))
         redis = self.link.redis
@@ -228,89 +238,18 @@ class Subscription:
                 self.group, self.consumer, {self._key: ">"}, count=self.policy.batch, block=block_ms
             )
         )
-        deliveries = [(_text(eid), fields, 1) for _s, entries in raw or [] for eid, fields in entries]
+        deliveries = [(text(eid), fields, 1) for _s, entries in raw or [] for eid, fields in entries]
         if deliveries:
             ctx.progress()
             await self.process(ctx, deliveries)
-
-    def _until_next_retry_s(self) -> float | None:
-        if not self._retries:
-            return None
-        return max(0.0, min(due for due, _ in self._retries.values()) - time.monotonic())
-
-    # -- taking entries up again -------------------------------------------------------------
-
-    async def _recover_own(self, ctx: WorkerContext) -> None:
-        """Entries pending for this consumer name (a previous run, or reads lost in an outage)."""
-        redis = self.link.redis
-        start = "-"
-        while not ctx.stopping.is_set():
-            rows = await redis.xpending_range(
-                self._key, self.group, start, "+", self.policy.claim_batch, consumername=self.consumer
-            )
-            rows = [r for r in rows if _text(r["message_id"]) not in self._retries]
-            if not rows:
-                return
-            counts = {_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
-            idle = min(int(r["time_since_delivered"]) for r in rows)
-            claimed: Any = await redis.xclaim(self._key, self.group, self.consumer, idle, [*counts])
-            _log.info("oona.resumed_own_pending", subscription=self.name, count=len(claimed))
-            await self.process(ctx, [(_text(i), f, counts.get(_text(i), 1) + 1) for i, f in claimed])
-            start = "(" + list(counts)[-1]
-
-    async def _deliver_due_retries(self, ctx: WorkerContext) -> None:
-        now = time.monotonic()
-        due = {eid: attempt for eid, (at, attempt) in self._retries.items() if at <= now}
-        if not due:
-            return
-        for eid in due:
-            del self._retries[eid]
-        # Only entries still ours and idle at least since the failure: never take one back
-        # from a consumer that took it over meanwhile.
-        claimed: Any = await self.link.redis.xclaim(
-            self._key, self.group, self.consumer, self.policy.retry_backoff_ms, [*due]
-        )
-        await self.process(ctx, [(_text(i), f, due[_text(i)] + 1) for i, f in claimed])
-
-    async def _claim_stale(self, ctx: WorkerContext) -> None:
-        """Take over one page of entries whose consumer has been silent for ``claim_idle_ms``."""
-        redis = self.link.redis
-        reply: Any = await redis.xautoclaim(
-            self._key,
-            self.group,
-            self.consumer,
-            self.policy.claim_idle_ms,
-            start_id=self._claim_cursor,
-            count=self.policy.claim_batch,
-        )
-        self._claim_cursor = _text(reply[0])
-        claimed = [(_text(i), f) for i, f in reply[1] if i is not None]
-        if not claimed:
-            return
-        rows = await redis.xpending_range(
-            self._key, self.group, claimed[0][0], claimed[-1][0], len(claimed), consumername=self.consumer
-        )
-        counts = {_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
-        self.link.metrics.on_claimed(self.stream, len(claimed))
-        _log.info("oona.claimed", subscription=self.name, count=len(claimed))
-        await self.process(ctx, [(i, f, counts.get(i, 2)) for i, f in claimed])
-
-    async def _keep_alive(self, ctx: WorkerContext) -> None:
-        """Keep long-running entries from looking abandoned, so no other consumer claims them."""
-        period = self.policy.claim_idle_ms / 3000
-        while not await ctx.wait_stopping(period):
-            old = [eid for eid, since in self._in_flight.items() if time.monotonic() - since >= period]
-            if not old:
-                continue
-            try:
-                await self.link.redis.xclaim(self._key, self.group, self.consumer, 0, [*old], justid=True)
-            except REDIS_FAILURES as exc:
-                _log.warning("oona.keep_alive_failed", subscription=self.name, error=type(exc).__name__)
 
     # -- processing ------------------------------------------------------------------------
 
     async def process(self, ctx: WorkerContext, deliveries: Sequence[Delivery]) -> None:
         """Screen, handle and commit one batch of deliveries."""
+        if not deliveries:
+            return
+        self.takeover.hold([entry_id for entry_id, _f, _a in deliveries])
         items: list[CommitItem] = []
         runnable: list[tuple[Accepted, Mapping[bytes, bytes], int]] = []
         alone: list[tuple[str, int]] = []
@@ -323,6 +262,11 @@ class Subscription:
                 runnable.append((outcome, fields or {}, attempt))
             else:
                 items.append(outcome)
+        seen = await self.dispatcher.seen([accepted for accepted, _f, _a in runnable])
+        for (accepted, fields_, _attempt), copy in zip(runnable, seen, strict=True):
+            if copy:
+                items.append(self.dispatcher.replayed(accepted, fields_))
+        runnable = [r for r, copy in zip(runnable, seen, strict=True) if not copy]
         if self.policy.concurrency == 1 or len(runnable) <= 1:
             await self._handle_serially(ctx, runnable, items)
         else:
@@ -391,14 +335,9 @@ class Subscription:
     async def _handle(
         self, accepted: Accepted, fields: Mapping[bytes, bytes], attempt: int
     ) -> CommitItem | Retry:
-        entry_id = accepted.message.entry_id
-        self._in_flight[entry_id] = time.monotonic()
-        try:
-            outcome = await self.dispatcher.handle(accepted, fields, attempt)
-        finally:
-            self._in_flight.pop(entry_id, None)
+        outcome = await self.dispatcher.handle(accepted, fields, attempt)
         if isinstance(outcome, Retry):
-            self._retries[entry_id] = (outcome.due, outcome.attempt)
+            self.takeover.retry_later(outcome.entry_id, outcome.due, outcome.attempt)
         return outcome
 
     async def _fetch_alone(self, ctx: WorkerContext, entry_id: str, attempt: int) -> None:
@@ -425,10 +364,12 @@ class Subscription:
         try:
             statuses = await self.committer.commit(items)
         except REDIS_FAILURES as exc:
+            honour_cancellation()
             self._uncommitted.extend(items)
             self._commit_failed(exc)
             return False
         self.link.health.clear(f"commit:{self._health_key}")
+        self.takeover.release([item.entry_id for item in items])
         self._account(items, statuses)
         return True
 
@@ -448,7 +389,7 @@ class Subscription:
         for item, status in zip(items, statuses, strict=True):
             if status == "lost":
                 metrics.on_lost(self.stream)
-            elif status == "replay":
+            elif status == "replay":  # a copy committed first by another replica of the group
                 metrics.on_rejected(self.stream, RejectReason.REPLAY.value)
                 metrics.on_dead_letter(RejectReason.REPLAY.value)
                 _log.warning(

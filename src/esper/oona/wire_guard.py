@@ -11,11 +11,15 @@ re-parsing. Six such entries once drove a reader to 9 GB. This parser:
 - discards any array of more than ``max_items`` elements the same way (no
   command the bus sends gets such a reply legitimately; an entry with that
   many fields is hostile) and returns ``[b"payload", OmittedValue]`` in its
-  place, so the entry reads as one oversized payload;
+  place, so the entry reads as one oversized payload. Discarding costs time
+  per element, and a whole reply must arrive within the socket timeout, so
+  an array of more than ``64 * max_items`` elements is not read at all: the
+  connection is dropped and :class:`OversizedEntry` names the entry id read
+  just before it (readers dead-letter that entry without ever reading it);
 - once one reply has used ``max_reply_bytes``, returns the shared
-  :data:`DEFERRED` marker for further values: they are legitimate, so the
-  reader leaves their entries pending and fetches them again with a smaller
-  COUNT.
+  :data:`DEFERRED` marker for further values longer than 128 bytes (ids,
+  field names and signatures are always kept): they are legitimate, so the
+  reader leaves their entries pending and fetches them again on their own.
 
 It plugs into redis-py as the connection's ``parser_class`` and mirrors the
 RESP2 parser of redis-py 8 (``_readline``/``_read``/``_stream``); the
@@ -29,11 +33,30 @@ from typing import Any, ClassVar
 
 from redis._parsers import _AsyncRESP2Parser
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import InvalidResponse
+from redis.exceptions import InvalidResponse, RedisError
 
 _CHUNK = 1 << 16
 #: What one kept element costs besides its bytes (object header, list slot), counted against the budget.
 _ITEM_COST = 64
+#: Values this short (entry ids, field names, signatures) are never deferred: an entry whose id
+#: was deferred could not be fetched again. Their number per reply is bounded by the array caps.
+_ALWAYS_KEPT = 128
+#: Arrays longer than this many times ``max_items`` are not even discarded (see the module docstring).
+_DISCARD_FACTOR = 64
+
+
+class OversizedEntry(RedisError):
+    """A reply held an array too large even to discard; the connection was dropped.
+
+    ``entry_id`` is the short value read just before that array: in the stream
+    replies the bus reads (XREADGROUP, XREAD, XRANGE, XCLAIM), the id of the
+    entry whose fields it is.
+    """
+
+    def __init__(self, entry_id: str | None, elements: int) -> None:
+        self.entry_id = entry_id
+        self.elements = elements
+        super().__init__(f"entry {entry_id} has {elements} fields and values")
 
 
 class OmittedValue(bytes):
@@ -71,6 +94,7 @@ class BoundedParser(_AsyncRESP2Parser):
         super().__init__(socket_read_size)
         self._budget = self.max_reply_bytes
         self._skipped = False
+        self._last_short: bytes | None = None
 
     async def read_response(self, disable_decoding: bool = False) -> Any:
         if self._chunks and self._skipped:
@@ -80,6 +104,7 @@ class BoundedParser(_AsyncRESP2Parser):
             raise RedisConnectionError("reply interrupted while omitting a large value")
         self._budget = self.max_reply_bytes
         self._skipped = False
+        self._last_short = None
         return await super().read_response(disable_decoding)
 
     async def _read_response(self, disable_decoding: bool = False) -> Any:
@@ -102,15 +127,21 @@ class BoundedParser(_AsyncRESP2Parser):
             length = int(rest)
             if length > self.max_value_bytes:
                 return await self._omit_value(length)
-            if length + _ITEM_COST > self._budget:
+            if length > _ALWAYS_KEPT and length + _ITEM_COST > self._budget:
                 await self._omit_value(length)
                 return DEFERRED
             self._budget -= length + _ITEM_COST
             response = await self._read(length)
+            if length <= _ALWAYS_KEPT:
+                self._last_short = response
         elif byte == b"*":
             if rest == b"-1":
                 return None
             count = int(rest)
+            if count > _DISCARD_FACTOR * self.max_items:
+                self.on_disconnect()  # type: ignore[no-untyped-call]
+                last = self._last_short
+                raise OversizedEntry(last.decode("ascii", "replace") if last is not None else None, count)
             if count > self.max_items:
                 length, digest = await self._discard(count)
                 return [b"payload", OmittedValue(length, digest, deferred=False)]
