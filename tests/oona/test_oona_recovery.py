@@ -86,7 +86,7 @@ async def test_an_open_publish_breaker_refuses_without_touching_the_server(
     assert [r.reason for r in refused] == ["breaker_open"] * 3
     assert dropping.count == tried  # no connection was attempted while open
     assert client.publish_breaker.waits == 3  # each refusal waited (up to 20 ms) instead of spinning
-    assert any("publish is open" in problem for problem in client.problems())
+    assert any("publish breaker open" in problem for problem in client.problems())
 
 
 async def test_a_reader_waits_out_an_outage_with_growing_backoff_instead_of_spinning(

@@ -24,7 +24,7 @@ from oona_helpers import (
 
 from esper.core.worker import running
 from esper.leyline import leyline_pb2 as pb
-from esper.oona import OonaClient
+from esper.oona import OonaClient, OonaMessage, Reply
 
 TELEMETRY = pb.BUS_MESSAGE_TYPE_TELEMETRY
 REQ = pb.BUS_MESSAGE_TYPE_KERNEL_PREFETCH_REQUEST
@@ -52,22 +52,35 @@ def v1_state(at_ms: int) -> dict[bytes, bytes]:
 async def test_a_copy_is_caught_by_another_replica_of_the_group_and_by_every_group(
     make_client: Callable[..., OonaClient], redis_client: aioredis.Redis
 ) -> None:
+    """Group a's handler replies; a copy read by a fresh replica of a never publishes a second reply."""
     first, second = make_client(instance="r-0"), make_client(instance="r-1")
     handled = {"a": Recorder(1), "b": Recorder(1)}
-    subs = [first.subscribe(NORMAL, g, r, types={CMD}) for g, r in handled.items()]
+
+    async def a_replies(message: OonaMessage) -> list[Reply]:
+        await handled["a"](message)
+        return [Reply(TELEMETRY, pb.TelemetryPacket(packet_id=message.entry_id))]
+
+    subs = [
+        first.subscribe(NORMAL, "a", a_replies, types={CMD}),
+        first.subscribe(NORMAL, "b", handled["b"], types={CMD}),
+    ]
     async with running(subs[0].run, "a"), running(subs[1].run, "b"):
         await first.publish_command(command("once"))
         await asyncio.gather(*(r.wait() for r in handled.values()))
     [(_id, fields)] = await redis_client.xrange(NORMAL)
     copy_id = (await redis_client.xadd(NORMAL, fields)).decode()  # type: ignore[arg-type]
-    # Only the other replica is reading group "a" now.
-    replica = second.subscribe(NORMAL, "a", handled["a"], types={CMD})
+    # Only another replica is reading group "a" now; group "b" is read by the replica that handled it.
+    replica = second.subscribe(NORMAL, "a", a_replies, types={CMD})
     async with running(replica.run, "a"), running(subs[1].run, "b"):
         letters = await dead_letters(redis_client, 2)
     assert reasons(letters) == ["replay", "replay"]
     assert {letter[b"source_id"] for letter in letters} == {copy_id.encode()}
     assert {letter[b"group"] for letter in letters} == {b"a", b"b"}
-    assert [len(r.messages) for r in handled.values()] == [1, 1]
+    # The replica that committed the original remembers it: its handler never saw the copy.
+    assert len(handled["b"].messages) == 1
+    # The fresh replica may run its handler, but the claim that commits with the ack refused the
+    # copy: its reply was dropped, so there is exactly one reply on the bus.
+    assert await redis_client.xlen("oona.telemetry") == 1
     assert second.metrics_snapshot()[f"rejected.{NORMAL}.replay"] == 1
 
 

@@ -1,9 +1,13 @@
 """One delivery of one entry in one group: verify it, run the handler under its deadline, decide.
 
-Every entry a subscription reads ends here in exactly one outcome. Before
-any handler runs, the batch's replay keys are read in one round trip
-(:meth:`Dispatcher.seen`), so a copy of a message already handled is
-dead-lettered as ``replay`` without its handler ever seeing it:
+Every entry a subscription reads ends here in exactly one outcome. A copy
+of a message this subscription committed recently is dead-lettered as
+``replay`` before its handler runs (:meth:`Dispatcher.seen_here`, from memory:
+no round trip). The claim that decides replays for good commits with the
+entry's ack (:mod:`esper.oona.commit`), so a copy another replica committed
+first may reach this handler, but its replies are dropped and it is
+dead-lettered: its effects on the bus never happen twice, and handlers keep
+their own side effects idempotent.
 
 - a commit item (:mod:`esper.oona.commit`): acknowledged, dead-lettered with
   a reason, or done with the handler's signed replies;
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -33,6 +38,8 @@ from esper.oona.messages import Handler, OonaMessage, RejectMessage, RejectReaso
 from esper.oona.wire_guard import OmittedValue
 
 _log = get_logger("esper.oona.delivery")
+#: Replay keys of recent commits remembered per subscription (each costs ~150 bytes).
+_RECENT = 8192
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +75,7 @@ class Dispatcher:
         self.types = types
         self.ignore_types = ignore_types - types
         self.policy = policy
+        self._recent: OrderedDict[str, float] = OrderedDict()
 
     # -- before the handler -------------------------------------------------------------
 
@@ -120,17 +128,23 @@ class Dispatcher:
             ),
         )
 
-    async def seen(self, batch: Sequence[Accepted]) -> list[bool]:
-        """Which messages' replay keys are claimed already (one MGET): copies, never handled.
+    def seen_here(self, accepted: Accepted) -> bool:
+        """Whether this subscription committed a message with this replay key within the replay window."""
+        expires = self._recent.get(accepted.replay_key)
+        if expires is None:
+            return False
+        if expires < time.monotonic():
+            del self._recent[accepted.replay_key]
+            return False
+        return True
 
-        The authoritative claim commits with the entry's ack (:mod:`esper.oona.commit`);
-        this read keeps a copy of a message handled before from reaching its handler at all.
-        """
-        if not batch:
-            return []
-        keys = self.link.keys
-        found = await self.link.redis.mget([keys.replay(self.group, a.replay_key) for a in batch])
-        return [value is not None for value in found]
+    def remember(self, replay_key: str) -> None:
+        """A message with this key was committed: copies of it are replays from now on."""
+        recent = self._recent
+        recent[replay_key] = time.monotonic() + self.link.config.replay_ttl_ms / 1000
+        recent.move_to_end(replay_key)
+        while len(recent) > _RECENT:
+            recent.popitem(last=False)
 
     def replayed(self, accepted: Accepted, fields: Mapping[bytes, bytes]) -> DeadLetter:
         self.link.metrics.on_rejected(self.stream, RejectReason.REPLAY.value)

@@ -262,7 +262,7 @@ class Subscription:
                 runnable.append((outcome, fields or {}, attempt))
             else:
                 items.append(outcome)
-        seen = await self.dispatcher.seen([accepted for accepted, _f, _a in runnable])
+        seen = [self.dispatcher.seen_here(accepted) for accepted, _f, _a in runnable]
         for (accepted, fields_, _attempt), copy in zip(runnable, seen, strict=True):
             if copy:
                 items.append(self.dispatcher.replayed(accepted, fields_))
@@ -390,6 +390,8 @@ class Subscription:
             if status == "lost":
                 metrics.on_lost(self.stream)
             elif status == "replay":  # a copy committed first by another replica of the group
+                if isinstance(item, Done) and item.replay_key is not None:
+                    self.dispatcher.remember(item.replay_key)
                 metrics.on_rejected(self.stream, RejectReason.REPLAY.value)
                 metrics.on_dead_letter(RejectReason.REPLAY.value)
                 _log.warning(
@@ -405,6 +407,8 @@ class Subscription:
                     detail=item.fields.get(b"detail", b"").decode("utf-8", "replace"),
                 )
             elif isinstance(item, Done):
+                if item.replay_key is not None:
+                    self.dispatcher.remember(item.replay_key)
                 for reply in item.replies:
                     metrics.on_published(reply.stream)
         if self._on_committed is not None:
