@@ -52,6 +52,7 @@ from esper.core.files import write_atomic
 from esper.core.redact import mask_url
 
 _READY_MARKER = "Ready to accept connections"
+_SENTINEL_READY_MARKER = "Sentinel ID is"
 _SERVER_NAMES = ("valkey-server", "redis-server")
 _PR_SET_PDEATHSIG = 1
 PIDFILE = "server.pid"
@@ -128,6 +129,8 @@ class ServerOptions:
     max_bulk_bytes: int | None = None
     extra_args: tuple[str, ...] = ()
     die_with_parent: bool = True
+    #: Run as a sentinel watching (service name, host, port) instead of as a data server.
+    sentinel_of: tuple[str, str, int] | None = None
 
     @property
     def url(self) -> str:
@@ -137,6 +140,8 @@ class ServerOptions:
 
     def command(self, binary: str, port: int) -> list[str]:
         """The argv: ``-`` first, so private settings come from stdin (:meth:`private_config`)."""
+        if self.sentinel_of is not None:
+            return [binary, str(self.sentinel_config(port)), "--sentinel", *self.extra_args]
         argv = [
             binary,
             "-",
@@ -162,6 +167,29 @@ class ServerOptions:
         if self.max_bulk_bytes is not None:
             argv += ["--proto-max-bulk-len", str(max(self.max_bulk_bytes, 1 << 20))]
         return argv + list(self.extra_args)
+
+    def sentinel_config(self, port: int) -> Path:
+        """Write the sentinel's own config file (sentinels rewrite it as they learn the topology)."""
+        assert self.sentinel_of is not None
+        service, host, watched = self.sentinel_of
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        path = self.data_dir / "sentinel.conf"
+        lines = [
+            f"port {port}",
+            f"bind {self.host}",
+            f"dir {self.data_dir}",
+            f"sentinel monitor {service} {host} {watched} 1",
+            f"sentinel down-after-milliseconds {service} 1000",
+            f"sentinel failover-timeout {service} 5000",
+        ]
+        if self.password:
+            lines.append(f"sentinel auth-pass {service} {self.password}")
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    @property
+    def ready_marker(self) -> str:
+        return _SENTINEL_READY_MARKER if self.sentinel_of is not None else _READY_MARKER
 
     def private_config(self) -> bytes:
         """Config lines that must not appear on the command line (read by the server from stdin)."""
@@ -349,7 +377,7 @@ class RedisServer:
                 line = raw.decode(errors="replace").strip()
                 if line:
                     self._tail.append(line)
-                if not self._ready and _READY_MARKER in line:
+                if not self._ready and self.options.ready_marker in line:
                     self._ready = True
                     self._settle()
         finally:

@@ -23,7 +23,7 @@ from esper.core.redact import mask_url
 SECRET_ENV = "ESPER_LEYLINE_SECRET"
 PREVIOUS_SECRETS_ENV = "ESPER_LEYLINE_PREVIOUS_SECRETS"
 MASK = "***"
-_REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
+_REDIS_SCHEMES = frozenset({"redis", "rediss", "unix", "redis+sentinel", "redis+cluster"})
 _SQL_SCHEMES = ("sqlite", "postgresql")
 
 
@@ -147,7 +147,9 @@ class EsperSettings(BaseSettings):
         if value is not None:
             parts = urlsplit(value)
             if parts.scheme not in _REDIS_SCHEMES or (parts.scheme != "unix" and not parts.hostname):
-                raise ValueError("must be a redis://, rediss:// or unix:// URL")
+                raise ValueError(
+                    "must be a redis://, rediss://, unix://, redis+sentinel:// or redis+cluster:// URL"
+                )
         return value
 
     @field_validator("urza_database_url")

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 from esper.core.settings import EsperSettings
 from esper.leyline import leyline_pb2
+from esper.oona.keys import hash_tag_for
 
 KERNEL_REQUEST_STREAM = "oona.kernels.requests"
 KERNEL_READY_STREAM = "oona.kernels.ready"
@@ -27,6 +29,9 @@ DEAD_LETTER_STREAM = "oona.deadletter"
 #: Headroom of a read over the payload limit (the other fields of an entry, ids, framing).
 VALUE_MARGIN = 64 * 1024
 _URGENT = frozenset({leyline_pb2.MESSAGE_PRIORITY_HIGH, leyline_pb2.MESSAGE_PRIORITY_CRITICAL})
+_URGENT_ROUTED = frozenset(
+    {leyline_pb2.BUS_MESSAGE_TYPE_TELEMETRY, leyline_pb2.BUS_MESSAGE_TYPE_SYSTEM_STATE}
+)
 
 
 @dataclass(frozen=True)
@@ -146,6 +151,7 @@ class StreamConfig:
             hard_cap=settings.oona_stream_hard_cap,
             message_ttl_ms=settings.oona_message_ttl_ms or None,
             freshness_window_ms=settings.kernel_freshness_window_ms,
+            hash_tag=hash_tag_for(settings.redis_url),
             delivery=DeliveryPolicy(
                 handler_timeout_ms=settings.oona_handler_timeout_ms,
                 claim_idle_ms=settings.oona_claim_idle_ms,
@@ -193,11 +199,17 @@ class StreamConfig:
 
         The choice is per message only; nothing about it is sticky.
         """
-        urgent = priority in _URGENT
-        t = leyline_pb2
-        if message_type in (t.BUS_MESSAGE_TYPE_TELEMETRY, t.BUS_MESSAGE_TYPE_SYSTEM_STATE) and urgent:
+        if priority in _URGENT and message_type in _URGENT_ROUTED:
             return self.emergency_stream
-        by_type = {
+        try:
+            return self._routes[message_type]
+        except KeyError:
+            raise ValueError(f"no stream for message type {message_type}") from None
+
+    @cached_property
+    def _routes(self) -> dict[int, str]:
+        t = leyline_pb2
+        return {
             t.BUS_MESSAGE_TYPE_TELEMETRY: self.telemetry_stream,
             t.BUS_MESSAGE_TYPE_SYSTEM_STATE: self.normal_stream,
             t.BUS_MESSAGE_TYPE_ADAPTATION_COMMAND: self.normal_stream,
@@ -208,7 +220,3 @@ class StreamConfig:
             t.BUS_MESSAGE_TYPE_KERNEL_CATALOG_UPDATE: self.kernel_ready_stream,
             t.BUS_MESSAGE_TYPE_KERNEL_PREFETCH_ERROR: self.kernel_error_stream,
         }
-        try:
-            return by_type[message_type]
-        except KeyError:
-            raise ValueError(f"no stream for message type {message_type}") from None

@@ -35,7 +35,7 @@ from esper.oona.config import DeliveryPolicy
 from esper.oona.envelope import Accepted, Rejection
 from esper.oona.link import Link
 from esper.oona.messages import Handler, OonaMessage, RejectMessage, RejectReason, Reply
-from esper.oona.wire_guard import OmittedValue
+from esper.oona.wire_guard import DEFERRED
 
 _log = get_logger("esper.oona.delivery")
 #: Replay keys of recent commits remembered per subscription (each costs ~150 bytes).
@@ -50,8 +50,11 @@ class Retry:
 
 
 def has_deferred(fields: Mapping[bytes, bytes]) -> bool:
-    """True when the reply budget ran out inside this entry (fetch it again on its own)."""
-    return any(isinstance(v, OmittedValue) and v.deferred for v in (*fields.keys(), *fields.values()))
+    """True when the reply budget ran out inside this entry (fetch it again on its own).
+
+    Only values are ever deferred, always as the one shared marker.
+    """
+    return any(value is DEFERRED for value in fields.values())
 
 
 class Dispatcher:
@@ -74,6 +77,7 @@ class Dispatcher:
         self.handler = handler
         self.types = types
         self.ignore_types = ignore_types - types
+        self._expected = self.types | self.ignore_types
         self.policy = policy
         self._recent: OrderedDict[str, float] = OrderedDict()
 
@@ -91,7 +95,7 @@ class Dispatcher:
             self.stream,
             entry_id,
             fields,
-            expected_types=self.types | self.ignore_types,
+            expected_types=self._expected,
             now=envelope.now_ms(),
             freshness_window_ms=c.freshness_window_ms,
             max_payload_bytes=c.max_payload_bytes,

@@ -14,6 +14,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+SENTINEL_SCHEME = "redis+sentinel"
+CLUSTER_SCHEME = "redis+cluster"
+#: The hash tag every bus key carries on Redis Cluster.
+CLUSTER_HASH_TAG = "esper"
+
+
+def hash_tag_for(url: str | None) -> str | None:
+    """The key hash tag a deployment needs: one on Cluster, none elsewhere."""
+    return CLUSTER_HASH_TAG if url is not None and url.startswith(f"{CLUSTER_SCHEME}://") else None
+
 
 @dataclass(frozen=True, slots=True)
 class KeySpace:
