@@ -28,7 +28,7 @@ def print_epoch(result: EpochResult, out: TextIO) -> None:
     grafts = ", ".join(result.grafted) or ""
     print(
         f"{result.epoch:>5}  {result.train_loss:>10.4f}  {result.validation_loss:>9.4f}  "
-        f"{result.validation_accuracy:>7.3f}  {seeds or '-':<44}  {grafts}",
+        f"{result.validation_accuracy or 0.0:>7.3f}  {seeds or '-':<44}  {grafts}",
         file=out,
         flush=True,
     )
@@ -43,8 +43,10 @@ def plot_run(results: Sequence[EpochResult], path: Path, title: str) -> Path:
 
     epochs = [r.epoch for r in results]
     fig, (acc_ax, loss_ax) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    acc_ax.plot(epochs, [r.validation_accuracy for r in results], marker="o", label="validation accuracy")
-    acc_ax.plot(epochs, [r.train_accuracy for r in results], linestyle="--", label="training accuracy")
+    acc_ax.plot(
+        epochs, [r.validation_accuracy or 0.0 for r in results], marker="o", label="validation accuracy"
+    )
+    acc_ax.plot(epochs, [r.train_accuracy or 0.0 for r in results], linestyle="--", label="training accuracy")
     acc_ax.set_ylabel("accuracy")
     acc_ax.legend(loc="lower right")
     loss_ax.plot(epochs, [r.validation_loss for r in results], marker="o", label="validation loss")
@@ -58,7 +60,7 @@ def plot_run(results: Sequence[EpochResult], path: Path, title: str) -> Path:
                 ax.axvline(result.epoch, color="tab:green", alpha=0.6, linestyle=":")
             acc_ax.annotate(
                 f"graft {graft}",
-                (result.epoch, result.validation_accuracy),
+                (result.epoch, result.validation_accuracy or 0.0),
                 textcoords="offset points",
                 xytext=(4, -14),
                 fontsize=8,

@@ -211,7 +211,8 @@ async def _train(settings: EsperSettings, config: DemoConfig, summary: DemoSumma
     trainer = TolariaTrainer(
         model,
         manager,
-        data,
+        data.train,
+        data.validation,
         client=clients["tolaria"],
         training_run_id=summary.run_id,
         config=TrainingConfig(
@@ -249,7 +250,8 @@ def _print_summary(summary: DemoSummary, config: DemoConfig, out: TextIO) -> Non
     if summary.results:
         first, last = summary.results[0], summary.results[-1]
         print(
-            f"held-out accuracy {first.validation_accuracy:.3f} -> {last.validation_accuracy:.3f}, "
+            f"held-out accuracy {first.validation_accuracy or 0.0:.3f} -> "
+            f"{last.validation_accuracy or 0.0:.3f}, "
             f"loss {first.validation_loss:.4f} -> {last.validation_loss:.4f}",
             file=out,
         )
