@@ -20,6 +20,7 @@ held-out measures. :mod:`esper.grow` wires all of this to a running platform.
 
 from esper.tolaria.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from esper.tolaria.data import DataSplits, load_digits_splits
+from esper.tolaria.decisions import ControllerDecision, DecisionReader
 from esper.tolaria.model import DEFAULT_SLOTS, SLOT_POINTS, build_host_model
 from esper.tolaria.packets import packet_priority
 from esper.tolaria.protocols import SeedManager, Service
@@ -39,7 +40,9 @@ __all__ = [
     "DEFAULT_SLOTS",
     "SLOT_POINTS",
     "CommandRecord",
+    "ControllerDecision",
     "DataSplits",
+    "DecisionReader",
     "EpochResult",
     "Evaluation",
     "LossFn",

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from esper.leyline import leyline_pb2
+from esper.tolaria.decisions import ControllerDecision
 
 _L = leyline_pb2
 #: Stages in which a seed's kernel is grafted (counted by ``tolaria.seeds.active``).
@@ -169,6 +170,8 @@ class EpochResult:
     publish_failures: list[str] = field(default_factory=list)
     validation_metrics: dict[str, float] = field(default_factory=dict)
     parameters: int = 0
+    #: The controller's decision on this epoch's state packet, when it was known in time.
+    decision: ControllerDecision | None = None
 
     @property
     def seeds_active(self) -> int:

@@ -20,7 +20,9 @@ One epoch (:meth:`TolariaTrainer.run_epoch`):
    telemetry packet, and every Kasmina telemetry packet at its own priority
    (HIGH/CRITICAL go to ``oona.emergency``);
 6. optionally wait (``command_wait_s``) for the controller's answer to the
-   state just published: see :meth:`TolariaTrainer.wait_for_commands`.
+   state just published: see :meth:`TolariaTrainer.wait_for_commands` (with a
+   :class:`~esper.tolaria.decisions.DecisionReader` among the services the
+   wait ends as soon as the controller has decided).
 
 Concurrency choice: compute runs **on the event loop**, yielding with
 ``await asyncio.sleep(0)`` after every batch (after ``manager.step()``).
@@ -47,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -63,6 +66,7 @@ from esper.oona import OonaClient
 from esper.tolaria import packets
 from esper.tolaria.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from esper.tolaria.compute import EpochCompute
+from esper.tolaria.decisions import ControllerDecision
 from esper.tolaria.packets import packet_priority
 from esper.tolaria.protocols import SeedManager, Service
 from esper.tolaria.records import (
@@ -133,8 +137,11 @@ class TolariaTrainer(EpochCompute):
         self._commands: list[CommandRecord] = []
         self._reported_commands = 0
         self._since_state: list[CommandRecord] = []
-        self._command_arrived = asyncio.Event()
+        self._arrived = asyncio.Event()
         self._known_grafts: set[tuple[str, str]] = set()
+        #: Validation loss of the state packet awaiting the controller's answer, and that answer.
+        self._awaiting_loss: float | None = None
+        self._answer: ControllerDecision | None = None
 
     # -- commands ----------------------------------------------------------------------
 
@@ -153,22 +160,41 @@ class TolariaTrainer(EpochCompute):
         record = packets.command_record(command, result)
         self._commands.append(record)
         self._since_state.append(record)
-        self._command_arrived.set()
+        self._arrived.set()
+
+    def notify_decision(self, decision: ControllerDecision) -> None:
+        """Record the controller's decision on a state packet (a :class:`DecisionReader` calls this).
+
+        A decision on the packet being waited for (matched by its validation
+        loss) ends :meth:`wait_for_commands` early when it issued no command.
+        """
+        awaiting = self._awaiting_loss
+        if awaiting is not None and math.isclose(decision.validation_loss, awaiting, rel_tol=1e-6):
+            self._answer = decision
+            self._arrived.set()
+
+    def _answered(self, count: int) -> bool:
+        if len(self._since_state) >= count:
+            return True
+        answer = self._answer
+        return answer is not None and (not answer.command_issued or bool(self._since_state))
 
     async def wait_for_commands(self, timeout_s: float, count: int = 1) -> list[CommandRecord]:
         """Wait until ``count`` commands were applied since the last state packet, or ``timeout_s``.
 
-        Event driven (no polling); returns the commands seen since that packet.
+        Also returns as soon as the controller's decision on that packet is
+        known and its command (if it issued one) applied. Event driven (no
+        polling); returns the commands seen since that packet.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, timeout_s)
-        while len(self._since_state) < count:
-            self._command_arrived.clear()
+        while not self._answered(count):
+            self._arrived.clear()
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
             try:
-                await asyncio.wait_for(self._command_arrived.wait(), remaining)
+                await asyncio.wait_for(self._arrived.wait(), remaining)
             except TimeoutError:
                 break
         return list(self._since_state)
@@ -238,9 +264,11 @@ class TolariaTrainer(EpochCompute):
         kasmina_packets = self.manager.drain_telemetry()
         checkpoint = await self.save_checkpoint() if self.config.checkpoint_dir is not None else None
         self._since_state.clear()
+        self._awaiting_loss, self._answer = state.validation_loss, None
         failures = await self._publish(state, telemetry, kasmina_packets)
         if self.config.command_wait_s > 0:
             await self.wait_for_commands(self.config.command_wait_s, self.config.commands_per_epoch)
+        decision, self._awaiting_loss = self._answer, None
         commands = self._commands[self._reported_commands :]
         self._reported_commands = len(self._commands)
         result = EpochResult(
@@ -263,6 +291,7 @@ class TolariaTrainer(EpochCompute):
             publish_failures=failures,
             validation_metrics=dict(validation.metrics),
             parameters=measures.parameters,
+            decision=decision,
         )
         self.history.append(result)
         _log.info(
