@@ -26,6 +26,7 @@ from esper.tolaria.packets import packet_priority
 from esper.tolaria.protocols import SeedManager, Service
 from esper.tolaria.records import (
     CommandRecord,
+    EpochCallback,
     EpochResult,
     Evaluation,
     LossFn,
@@ -43,6 +44,7 @@ __all__ = [
     "ControllerDecision",
     "DataSplits",
     "DecisionReader",
+    "EpochCallback",
     "EpochResult",
     "Evaluation",
     "LossFn",

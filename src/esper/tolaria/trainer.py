@@ -173,7 +173,13 @@ class TolariaTrainer(EpochCompute):
             self._answer = decision
             self._arrived.set()
 
+    def notify_kernel(self, seed_id: str = "") -> None:
+        """A kernel request was settled (the bus coordinator's ``on_kernel``): wakes the wait."""
+        self._arrived.set()
+
     def _answered(self, count: int) -> bool:
+        if self.manager.awaiting_kernels():
+            return False
         if len(self._since_state) >= count:
             return True
         answer = self._answer
@@ -183,8 +189,10 @@ class TolariaTrainer(EpochCompute):
         """Wait until ``count`` commands were applied since the last state packet, or ``timeout_s``.
 
         Also returns as soon as the controller's decision on that packet is
-        known and its command (if it issued one) applied. Event driven (no
-        polling); returns the commands seen since that packet.
+        known and its command (if it issued one) applied; either way, not
+        while a seed still waits for its kernel, so a commanded graft lands
+        before the next epoch. Event driven (no polling); returns the
+        commands seen since that packet.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, timeout_s)
