@@ -62,7 +62,9 @@ class GrowthRun:
             return "the controller's first GERMINATE came after the last epoch: train for more epochs"
         decisions = Counter(r.decision.describe() for r in results if r.decision is not None)
         if decisions:
-            said = "; ".join(f"{text} (x{count})" for text, count in decisions.most_common())
+            said = "; ".join(
+                f"{text} ({count} epoch{'s' if count > 1 else ''})" for text, count in decisions.most_common()
+            )
             return f"the controller germinated nothing; it decided: {said}"
         if commands:
             kinds = ", ".join(sorted({c.operation or c.command_type for c in commands}))
