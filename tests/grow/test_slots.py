@@ -97,3 +97,15 @@ async def test_train_checks_the_model_and_data_before_touching_the_platform(tmp_
             await platform.train(model, loader, loader, loss=nn.functional.cross_entropy, epochs=0)
     finally:
         await client.aclose()
+
+
+def test_checking_the_data_leaves_a_shuffled_loaders_batch_order_alone() -> None:
+    from esper.grow.slots import check_reiterable
+
+    def loader() -> DataLoader[tuple[torch.Tensor, ...]]:
+        generator = torch.Generator().manual_seed(0)
+        return DataLoader(TensorDataset(torch.arange(32)), batch_size=32, shuffle=True, generator=generator)
+
+    checked = loader()
+    check_reiterable("train", checked)
+    assert torch.equal(next(iter(checked))[0], next(iter(loader()))[0])

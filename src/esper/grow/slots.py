@@ -10,7 +10,7 @@ culled half-way through a run.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import torch
@@ -68,8 +68,12 @@ def slot_width(model: nn.Module) -> int:
 
 
 def check_reiterable(name: str, data: Iterable[Any]) -> None:
-    """Each epoch iterates the data again: an iterator would be empty from the second epoch on."""
-    if iter(data) is data:
+    """Each epoch iterates the data again: an iterator would be empty from the second epoch on.
+
+    Checked by type, without calling ``iter``: starting a shuffled
+    ``DataLoader`` draws from its generator and would change the batch order.
+    """
+    if isinstance(data, Iterator):
         raise TypeError(f"{name} must be re-iterable (a DataLoader, a list...), not a one-shot iterator")
 
 
