@@ -33,6 +33,9 @@ def test_the_regression_example_grows_a_seed_and_its_held_out_loss_falls(tmp_pat
     assert last < first
     before, after = map(int, re.search(r"parameters (\d+) -> (\d+)", out).groups())  # type: ignore[union-attr]
     assert after > before
+    # The graft lands between epochs: in the first epoch that lists the seed, its kernel already trained.
+    first_seen = next(line for line in epochs if "seed-1:" in line)
+    assert not re.search(r"seed-1:BP\d{3}:germinated", first_seen), first_seen
     grafts = next(line for line in out.splitlines() if line.startswith("grafts: "))
     assert re.search(r"epoch \d+: seed-1:BP\d{3}", grafts), grafts
     password = (tmp_path / "var" / "redis" / "password").read_text().strip()

@@ -40,7 +40,8 @@ by the structural :class:`~esper.tolaria.protocols.SeedManager` protocol,
 which ``esper.kasmina.KasminaSeedManager`` satisfies.
 
 This module holds the loop and its bookkeeping; the arithmetic of an epoch
-is in :mod:`esper.tolaria.compute`, what goes on the bus in
+is in :mod:`esper.tolaria.compute`, the wait for the controller's answer in
+:mod:`esper.tolaria.answers`, what goes on the bus in
 :mod:`esper.tolaria.packets`, and the config and result records in
 :mod:`esper.tolaria.records`.
 """
@@ -49,7 +50,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -64,14 +64,13 @@ from esper.core.worker import WorkerContext, run_children
 from esper.leyline import leyline_pb2
 from esper.oona import OonaClient
 from esper.tolaria import packets
+from esper.tolaria.answers import ControllerAnswers
 from esper.tolaria.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from esper.tolaria.compute import EpochCompute
-from esper.tolaria.decisions import ControllerDecision
 from esper.tolaria.packets import packet_priority
 from esper.tolaria.protocols import SeedManager, Service
 from esper.tolaria.records import (
     LIVE_STAGES,
-    CommandRecord,
     EpochCallback,
     EpochMeasures,
     EpochResult,
@@ -87,7 +86,7 @@ _log = get_logger("esper.tolaria")
 CHECKPOINT_FORMAT = 1
 
 
-class TolariaTrainer(EpochCompute):
+class TolariaTrainer(EpochCompute, ControllerAnswers):
     """Trains ``model`` with ``manager``'s seeds grafted in; see the module docstring.
 
     ``train`` and ``validation`` are re-iterable sources of ``(inputs,
@@ -134,78 +133,9 @@ class TolariaTrainer(EpochCompute):
         self.epoch = 0
         self.global_step = 0
         self.history: list[EpochResult] = []
-        self._commands: list[CommandRecord] = []
+        self._init_answers()
         self._reported_commands = 0
-        self._since_state: list[CommandRecord] = []
-        self._arrived = asyncio.Event()
         self._known_grafts: set[tuple[str, str]] = set()
-        #: Validation loss of the state packet awaiting the controller's answer, and that answer.
-        self._awaiting_loss: float | None = None
-        self._answer: ControllerDecision | None = None
-
-    # -- commands ----------------------------------------------------------------------
-
-    async def apply_command(self, command: leyline_pb2.AdaptationCommand) -> Any:
-        """Hand ``command`` to the manager and record the outcome (use as an intake's handler)."""
-        result = await self.manager.handle_command(command)
-        self.notify_command(command, result)
-        return result
-
-    def notify_command(self, command: leyline_pb2.AdaptationCommand, result: Any = None) -> None:
-        """Record a command some other component applied with ``manager.handle_command``.
-
-        Wakes :meth:`wait_for_commands`. ``result`` is Kasmina's
-        ``CommandResult`` (``status``/``reason``) or ``None``.
-        """
-        record = packets.command_record(command, result)
-        self._commands.append(record)
-        self._since_state.append(record)
-        self._arrived.set()
-
-    def notify_decision(self, decision: ControllerDecision) -> None:
-        """Record the controller's decision on a state packet (a :class:`DecisionReader` calls this).
-
-        A decision on the packet being waited for (matched by its validation
-        loss) ends :meth:`wait_for_commands` early when it issued no command.
-        """
-        awaiting = self._awaiting_loss
-        if awaiting is not None and math.isclose(decision.validation_loss, awaiting, rel_tol=1e-6):
-            self._answer = decision
-            self._arrived.set()
-
-    def notify_kernel(self, seed_id: str = "") -> None:
-        """A kernel request was settled (the bus coordinator's ``on_kernel``): wakes the wait."""
-        self._arrived.set()
-
-    def _answered(self, count: int) -> bool:
-        if self.manager.awaiting_kernels():
-            return False
-        if len(self._since_state) >= count:
-            return True
-        answer = self._answer
-        return answer is not None and (not answer.command_issued or bool(self._since_state))
-
-    async def wait_for_commands(self, timeout_s: float, count: int = 1) -> list[CommandRecord]:
-        """Wait until ``count`` commands were applied since the last state packet, or ``timeout_s``.
-
-        Also returns as soon as the controller's decision on that packet is
-        known and its command (if it issued one) applied; either way, not
-        while a seed still waits for its kernel, so a commanded graft lands
-        before the next epoch. Event driven (no polling); returns the
-        commands seen since that packet.
-        """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + max(0.0, timeout_s)
-        while not self._answered(count):
-            self._arrived.clear()
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            try:
-                await asyncio.wait_for(self._arrived.wait(), remaining)
-            except TimeoutError:
-                break
-        return list(self._since_state)
 
     # -- running -----------------------------------------------------------------------
 
@@ -271,12 +201,11 @@ class TolariaTrainer(EpochCompute):
         self.manager.build_telemetry()
         kasmina_packets = self.manager.drain_telemetry()
         checkpoint = await self.save_checkpoint() if self.config.checkpoint_dir is not None else None
-        self._since_state.clear()
-        self._awaiting_loss, self._answer = state.validation_loss, None
+        self._expect_answer(state.validation_loss)
         failures = await self._publish(state, telemetry, kasmina_packets)
         if self.config.command_wait_s > 0:
             await self.wait_for_commands(self.config.command_wait_s, self.config.commands_per_epoch)
-        decision, self._awaiting_loss = self._answer, None
+        decision = self._take_answer()
         commands = self._commands[self._reported_commands :]
         self._reported_commands = len(self._commands)
         result = EpochResult(
