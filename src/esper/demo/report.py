@@ -52,7 +52,7 @@ def print_epoch(result: EpochResult, out: TextIO) -> None:
 def print_comparison(runs: Sequence[RunReport], out: TextIO) -> None:
     """Held-out accuracy / loss of every run, one row per epoch."""
     width = max(18, *(len(run.name) for run in runs))
-    header = f"{'epoch':>5}  " + "  ".join(f"{run.name:<{width}}" for run in runs)
+    header = (f"{'epoch':>5}  " + "  ".join(f"{run.name:<{width}}" for run in runs)).rstrip()
     print("", file=out)
     print("held-out accuracy / loss per epoch", file=out)
     print(header, file=out)
