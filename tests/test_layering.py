@@ -14,7 +14,8 @@ LAYERS = [
     {"oona"},
     {"karn", "tezzeret", "urza"},
     {"kasmina", "tamiyo", "nissa", "tolaria", "simic"},
-    {"weatherlight", "demo"},
+    {"weatherlight", "grow"},
+    {"demo"},
 ]
 RANK = {name: index for index, layer in enumerate(LAYERS) for name in layer}
 # Imports allowed inside one layer: the forge builds on the catalog and the

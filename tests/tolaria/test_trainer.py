@@ -5,11 +5,10 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 import torch
+from _stream_support import read_stream
 from torch import nn
 
 from esper.karn import KarnCatalog
@@ -121,21 +120,6 @@ def independent_eval(model: nn.Module, data: DataSplits) -> tuple[float, float]:
     return loss, int((logits.argmax(dim=1) == ys).sum()) / len(ys)
 
 
-async def read_stream(redis_url: str, stream: str) -> list[tuple[int, bytes]]:
-    """(message type, inner payload) of every entry of ``stream``."""
-    raw = aioredis.Redis.from_url(redis_url)
-    try:
-        entries: Any = await raw.xrange(stream)
-    finally:
-        await raw.aclose()
-    out = []
-    for _id, fields in entries:
-        envelope = _L.BusEnvelope()
-        envelope.ParseFromString(fields[b"payload"])
-        out.append((int(envelope.message_type), envelope.payload))
-    return out
-
-
 async def test_two_epochs_publish_honest_validation_and_telemetry(
     redis_url: str, keys: KeyRing, client: OonaClient, data: DataSplits
 ) -> None:
@@ -145,7 +129,13 @@ async def test_two_epochs_publish_honest_validation_and_telemetry(
     forged = germinate(KeyRing(b"some-other-secret-0123456789abcdef"))
     assert (await manager.handle_command(forged)).status == "rejected"
     trainer = TolariaTrainer(
-        model, manager, data, client=client, training_run_id=RUN, config=TrainingConfig(max_epochs=2)
+        model,
+        manager,
+        data.train,
+        data.validation,
+        client=client,
+        training_run_id=RUN,
+        config=TrainingConfig(max_epochs=2),
     )
     independent: list[tuple[float, float]] = []
 
@@ -258,7 +248,8 @@ async def test_command_between_epochs_grafts_a_seed(
     trainer = TolariaTrainer(
         model,
         manager,
-        data,
+        data.train,
+        data.validation,
         client=client,
         training_run_id=RUN,
         config=config,
@@ -301,7 +292,13 @@ async def test_command_between_epochs_grafts_a_seed(
 async def test_wait_for_commands_times_out_without_answer(keys: KeyRing, data: DataSplits) -> None:
     model = build_host_model(data.features, data.classes, hidden=HIDDEN, add_slots=add_seed_slots)
     trainer = TolariaTrainer(
-        model, make_manager(keys, model), data, client=None, training_run_id=RUN, config=TrainingConfig(0)
+        model,
+        make_manager(keys, model),
+        data.train,
+        data.validation,
+        client=None,
+        training_run_id=RUN,
+        config=TrainingConfig(0),
     )
     assert await trainer.wait_for_commands(0.05) == []
     result = await trainer.apply_command(germinate(keys))
@@ -317,7 +314,9 @@ async def test_checkpoint_and_resume_restore_identical_weights(
     manager = make_manager(keys, model)
     assert (await manager.handle_command(germinate(keys))).applied
     config = TrainingConfig(max_epochs=2, checkpoint_dir=directory)
-    trainer = TolariaTrainer(model, manager, data, client=None, training_run_id=RUN, config=config)
+    trainer = TolariaTrainer(
+        model, manager, data.train, data.validation, client=None, training_run_id=RUN, config=config
+    )
     results = await trainer.run()
     assert [epoch for epoch, _ in list_checkpoints(directory)] == [1, 2]
     assert results[1].checkpoint == directory / "ckpt-epoch-2.pt"
@@ -332,7 +331,13 @@ async def test_checkpoint_and_resume_restore_identical_weights(
     fresh_manager = make_manager(keys, fresh_model)
     assert (await fresh_manager.handle_command(germinate(keys))).applied
     resumed = TolariaTrainer(
-        fresh_model, fresh_manager, data, client=None, training_run_id=RUN, config=config
+        fresh_model,
+        fresh_manager,
+        data.train,
+        data.validation,
+        client=None,
+        training_run_id=RUN,
+        config=config,
     )
     assert not torch.equal(fresh_model.state_dict()["head.weight"], model.state_dict()["head.weight"])
     assert await resumed.resume() == 2
@@ -365,7 +370,8 @@ async def test_checkpoint_and_resume_restore_identical_weights(
     longer = TolariaTrainer(
         fresh_model,
         fresh_manager,
-        data,
+        data.train,
+        data.validation,
         client=None,
         training_run_id=RUN,
         config=TrainingConfig(max_epochs=3, checkpoint_dir=directory),

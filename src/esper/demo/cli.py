@@ -12,6 +12,11 @@ from esper.core.cli import run_main
 from esper.core.logs import configure_logging
 from esper.demo.processes import ChildFailed
 from esper.demo.run import DemoConfig, run_demo
+from esper.grow import PlatformUnavailable
+
+#: Exit statuses (also in ``--help``): 0 a seed was grafted, 1 a service or the platform failed,
+#: 2 bad arguments or configuration, 3 the run finished without a graft (the reason is printed).
+EXIT_GRAFTED, EXIT_FAILED, EXIT_NO_GRAFT = 0, 1, 3
 
 
 def _positive(text: str) -> int:
@@ -21,17 +26,32 @@ def _positive(text: str) -> int:
     return value
 
 
+def _epochs(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(
+            "must be at least 2: seeds are grafted between epochs, in answer to an epoch's report, "
+            "so a 1-epoch run can never graft"
+        )
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="esper-demo",
         description=(
             "Start Weatherlight (on its embedded Redis-protocol server, or REDIS_URL) and Nissa, "
             "forge the kernels Tamiyo may choose, then train an MLP on scikit-learn's bundled "
-            "digits for a few epochs while Tamiyo grows it through the bus. Prints a table per "
-            "epoch, writes a PNG plot with graft events, and exits 0 only if a seed was grafted."
+            "digits for a few epochs while Tamiyo grows it through the bus; then train the same "
+            "host without growth and a static host of the grown model's final size on the same data. "
+            "Prints a table per epoch, the three runs side by side and a summary, and writes a PNG plot."
+        ),
+        epilog=(
+            "exit status: 0 a seed was grafted; 1 a service failed or the platform was unavailable; "
+            "2 bad arguments or configuration; 3 the run finished without a graft (the reason is printed)"
         ),
     )
-    parser.add_argument("--epochs", type=_positive, default=8, help="training epochs (default 8)")
+    parser.add_argument("--epochs", type=_epochs, default=8, help="training epochs, at least 2 (default 8)")
     parser.add_argument(
         "--hidden", type=_positive, default=32, help="hidden width = seed slot width (default 32)"
     )
@@ -61,10 +81,10 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
         configure_logging("WARNING", "console")
         try:
             summary = asyncio.run(run_demo(config))
-        except ChildFailed as exc:
+        except (ChildFailed, PlatformUnavailable) as exc:
             print(f"esper-demo: {exc}", file=sys.stderr)
-            return 1
-        return 0 if summary.succeeded else 1
+            return EXIT_FAILED
+        return EXIT_GRAFTED if summary.succeeded else EXIT_NO_GRAFT
 
     return run_main(body)
 

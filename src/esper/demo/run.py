@@ -1,12 +1,13 @@
-"""The demo run: Weatherlight (+ Nissa) as processes, a digits model growing through the bus.
+"""The demo run: Weatherlight (+ Nissa) as processes, a digits model grown through the bus, and baselines.
 
 Steps: start Weatherlight on the embedded default (or ``REDIS_URL``) and wait
-for its READY notification → forge the kernels Tamiyo may ask for, each
-announced on the bus (Weatherlight's Kasmina warms them) → start Nissa →
-train a small MLP on scikit-learn's bundled digits with Tolaria, whose seed
-slots Kasmina fills with kernels fetched from Urza over the bus whenever
-Tamiyo (inside Weatherlight) commands a graft → print a live table, write a
-plot, check Nissa's metrics, stop everything.
+for its READY notification → connect with :func:`esper.grow.connect` and
+forge the kernels Tamiyo may ask for (announced on the bus, so
+Weatherlight's Kasmina warms them) → start Nissa → train a small MLP on
+scikit-learn's bundled digits with seed slots, which the platform fills
+whenever Tamiyo (inside Weatherlight) commands a graft → train the two
+baselines of :mod:`esper.demo.baselines` → print the tables and the
+summary, write a plot, check Nissa's metrics, stop everything.
 """
 
 from __future__ import annotations
@@ -19,30 +20,20 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
+import torch.nn.functional as F
 from prometheus_client.parser import text_string_to_metric_families
 
+import esper.grow
 from esper.core.redis_server import embedded_url
 from esper.core.settings import EsperSettings, load_settings
+from esper.demo.baselines import RunReport, train_baseline, width_for
 from esper.demo.processes import ChildService, http_text, start_nissa, start_weatherlight
-from esper.demo.report import plot_run, print_epoch, print_header
-from esper.kasmina import KasminaCommandIntake, KasminaPrefetchCoordinator, KasminaSeedManager, add_seed_slots
-from esper.leyline import leyline_pb2
-from esper.oona import OonaClient
+from esper.demo.report import plot_runs, print_comparison, print_epoch, print_header, print_runs
 from esper.security import KeyRing
-from esper.tamiyo.policy import DEFAULT_BLUEPRINT_CANDIDATES
-from esper.tezzeret import run_forge
 from esper.tezzeret.cli import ProgressLine
-from esper.tolaria import (
-    SLOT_POINTS,
-    EpochResult,
-    TolariaTrainer,
-    TrainingConfig,
-    build_host_model,
-    load_digits_splits,
-)
-from esper.urza import UrzaLibrary, UrzaRuntime
+from esper.tolaria import SLOT_POINTS, build_host_model, load_digits_splits
 
 EXPECTED_SOURCES = ("weatherlight", "tolaria", "kasmina", "oona")
 
@@ -56,21 +47,28 @@ class DemoConfig:
     redis_url: str | None = None
     with_nissa: bool = True
     limit: int | None = None
-    command_wait_s: float = 1.5
+    command_wait_s: float = 5.0
+    lr: float = 1e-2
 
 
 @dataclass
 class DemoSummary:
+    """``runs`` are the grown run, then the host-only and the static baselines."""
+
     run_id: str
-    results: list[EpochResult] = field(default_factory=list)
-    grafts: list[str] = field(default_factory=list)
+    runs: list[RunReport] = field(default_factory=list)
+    no_graft_reason: str = ""
     plot_path: Path | None = None
     nissa_sources: set[str] = field(default_factory=set)
     elapsed_s: float = 0.0
 
     @property
+    def grafts(self) -> list[str]:
+        return self.runs[0].grafts if self.runs else []
+
+    @property
     def succeeded(self) -> bool:
-        return bool(self.grafts) and bool(self.results)
+        return bool(self.grafts)
 
 
 def _environment(config: DemoConfig, secret: str) -> dict[str, str]:
@@ -107,10 +105,6 @@ def _redis_url(config: DemoConfig, env: dict[str, str]) -> str:
     return embedded_url(Path(env["ESPER_VAR_DIR"]))
 
 
-def _client(settings: EsperSettings, role: str) -> OonaClient:
-    return OonaClient.from_settings(settings, instance=f"demo-{role}", name=role)
-
-
 def nissa_sources(metrics_text: str) -> set[str]:
     """Which expected platform components have series (metric prefix or source label) in Nissa."""
     seen: set[str] = set()
@@ -140,13 +134,26 @@ async def run_demo(config: DemoConfig, out: TextIO = sys.stdout) -> DemoSummary:
         redis_url = _redis_url(config, env)
         env["REDIS_URL"] = redis_url
         settings = _settings(env, redis_url)
-        await _forge(settings, config, out)
-        nissa_url = None
-        if config.with_nissa:
-            nissa, nissa_url = await start_nissa(env, logs / "nissa.log")
-            children.append(nissa)
-            print(f"Nissa serving Prometheus metrics at {nissa_url}/metrics", file=out, flush=True)
-        await _train(settings, config, summary, out)
+        async with esper.grow.connect(settings) as platform:
+            print(
+                f"forging {len(esper.grow.KERNELS)} kernels for width {config.hidden}: "
+                f"{', '.join(esper.grow.KERNELS)}",
+                file=out,
+                flush=True,
+            )
+            report = await platform.prepare(config.hidden, progress=ProgressLine(out))
+            print(
+                f"forge: {len(report.compiled)} compiled, {len(report.skipped)} already in Urza",
+                file=out,
+                flush=True,
+            )
+            nissa_url = None
+            if config.with_nissa:
+                nissa, nissa_url = await start_nissa(env, logs / "nissa.log")
+                children.append(nissa)
+                print(f"Nissa serving Prometheus metrics at {nissa_url}/metrics", file=out, flush=True)
+            await _grow(platform, config, summary, out)
+        await _baselines(settings, config, summary, out)
         if nissa_url is not None:
             summary.nissa_sources = await _nissa_sources(nissa_url)
     finally:
@@ -168,94 +175,81 @@ async def _nissa_sources(url: str, attempts: int = 40) -> set[str]:
     return seen
 
 
-async def _forge(settings: EsperSettings, config: DemoConfig, out: TextIO) -> None:
-    ids = sorted({"BP001", *DEFAULT_BLUEPRINT_CANDIDATES})
-    print(f"forging {len(ids)} kernels for width {config.hidden}: {', '.join(ids)}", file=out, flush=True)
-    bus = _client(settings, "forge")
-    try:
-
-        async def announce(update: leyline_pb2.KernelCatalogUpdate) -> None:
-            result = await bus.publish_kernel_catalog_update(update)
-            if not result.ok:
-                raise RuntimeError(f"catalog update not published: {result.reason}")
-
-        report = await run_forge(settings, config.hidden, ids, announce, ProgressLine(out))
-    finally:
-        await bus.aclose()
-    print(
-        f"forge: {len(report.compiled)} compiled, {len(report.skipped)} already in Urza", file=out, flush=True
-    )
-
-
-async def _train(settings: EsperSettings, config: DemoConfig, summary: DemoSummary, out: TextIO) -> None:
+async def _grow(platform: esper.grow.Platform, config: DemoConfig, summary: DemoSummary, out: TextIO) -> None:
     data = load_digits_splits(seed=0, limit=config.limit)
     model = build_host_model(
-        data.features, data.classes, hidden=config.hidden, add_slots=add_seed_slots, slots=SLOT_POINTS
-    )
-    library = UrzaLibrary.from_settings(settings)
-    runtime = UrzaRuntime(library)
-    keys = KeyRing(*settings.signing_secrets())
-    manager = KasminaSeedManager(runtime=runtime, keys=keys, training_run_id=summary.run_id)
-    slots = manager.register_host_model(model)
-    clients = {role: _client(settings, role) for role in ("tolaria", "prefetch", "intake")}
-    trainer: TolariaTrainer | None = None
-
-    def on_result(command: leyline_pb2.AdaptationCommand, result: Any) -> None:
-        if trainer is not None:
-            trainer.notify_command(command, result)
-
-    coordinator = KasminaPrefetchCoordinator(
-        clients["prefetch"], manager, runtime, training_run_id=summary.run_id
-    )
-    intake = KasminaCommandIntake(clients["intake"], manager, on_result=on_result)
-    trainer = TolariaTrainer(
-        model,
-        manager,
-        data,
-        client=clients["tolaria"],
-        training_run_id=summary.run_id,
-        config=TrainingConfig(
-            max_epochs=config.epochs, command_wait_s=config.command_wait_s, experiment_name="esper-demo"
-        ),
-        services=[coordinator, intake],
+        data.features,
+        data.classes,
+        hidden=config.hidden,
+        add_slots=platform.add_seeds,
+        slots=SLOT_POINTS,
+        seed=0,
     )
     print(
         f"training run {summary.run_id}: {data.train_size} training / {data.validation_size} held-out "
-        f"digits; seed slots: {', '.join(slots)}",
+        f"digits; seed slots: {', '.join(SLOT_POINTS)}",
         file=out,
         flush=True,
     )
     print_header(out)
+    run = await platform.train(
+        model,
+        data.train,
+        data.validation,
+        loss=F.cross_entropy,
+        epochs=config.epochs,
+        lr=config.lr,
+        device="cpu",
+        command_wait_s=config.command_wait_s,
+        run_id=summary.run_id,
+        on_epoch=lambda result: print_epoch(result, out),
+    )
+    summary.runs.append(RunReport("grown", run.results, run.elapsed_s, config.hidden, run.grafts))
+    summary.no_graft_reason = run.no_graft_reason()
 
-    def on_epoch(result: EpochResult) -> None:
-        summary.results.append(result)
-        summary.grafts.extend(f"epoch {result.epoch}: {graft}" for graft in result.grafted)
-        print_epoch(result, out)
 
-    try:
-        await trainer.run(on_epoch=on_epoch)
-    finally:
-        for client in clients.values():
-            await client.aclose()
-        library.close()
-    if summary.results:
+async def _baselines(settings: EsperSettings, config: DemoConfig, summary: DemoSummary, out: TextIO) -> None:
+    """The host without growth, and a static host of the grown model's final size (same data and seed)."""
+    grown = summary.runs[0]
+    data = load_digits_splits(seed=0, limit=config.limit)
+    static_hidden = width_for(grown.parameters, data.features, data.classes)
+    keys = KeyRing(*settings.signing_secrets())
+    print(
+        f"\nbaselines: the host without growth (hidden {config.hidden}), and a static host of the grown "
+        f"model's final size ({grown.parameters} parameters: hidden {static_hidden}), same data and seed",
+        file=out,
+        flush=True,
+    )
+    if static_hidden == config.hidden:
+        print(
+            f"(the grafts added {grown.parameters - grown.results[0].parameters} parameters, less than one "
+            "hidden unit: the static host is the host itself)",
+            file=out,
+            flush=True,
+        )
+    for name, hidden in (("host only", config.hidden), (f"static, hidden {static_hidden}", static_hidden)):
+        summary.runs.append(
+            await train_baseline(
+                name, hidden=hidden, epochs=config.epochs, lr=config.lr, limit=config.limit, keys=keys
+            )
+        )
+    if summary.runs[0].results:
         plot = config.plot_path or config.workdir / "esper-demo.png"
-        summary.plot_path = plot_run(summary.results, plot, f"Esper-Lite demo {summary.run_id}")
+        summary.plot_path = plot_runs(summary.runs, plot, f"Esper-Lite demo {summary.run_id}")
 
 
 def _print_summary(summary: DemoSummary, config: DemoConfig, out: TextIO) -> None:
+    if summary.runs:
+        print_comparison(summary.runs, out)
+        print_runs(summary.runs, out)
     print("", file=out)
     print(f"run {summary.run_id} finished in {summary.elapsed_s:.1f}s", file=out)
-    if summary.results:
-        first, last = summary.results[0], summary.results[-1]
-        print(
-            f"held-out accuracy {first.validation_accuracy:.3f} -> {last.validation_accuracy:.3f}, "
-            f"loss {first.validation_loss:.4f} -> {last.validation_loss:.4f}",
-            file=out,
-        )
-        live = ", ".join(f"{s.seed_id}:{s.blueprint_id}" for s in last.seeds) or "none"
+    if summary.runs and summary.runs[0].final is not None:
+        live = ", ".join(f"{s.seed_id}:{s.blueprint_id}" for s in summary.runs[0].final.seeds) or "none"
         print(f"seeds at the end: {live}", file=out)
     print(f"grafts: {'; '.join(summary.grafts) or 'none'}", file=out)
+    if summary.no_graft_reason:
+        print(f"no seed was grafted: {summary.no_graft_reason}", file=out)
     if summary.plot_path is not None:
         print(f"plot: {summary.plot_path}", file=out)
     if config.with_nissa:

@@ -46,6 +46,7 @@ import asyncio
 import time
 import uuid
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from esper.core.logs import get_logger
@@ -79,7 +80,9 @@ class KasminaPrefetchCoordinator:
     given, becomes the manager's prefetch timeout (the manager owns timeout,
     retry and fallback); outstanding request ids are forgotten after
     ``timeout * (retries + 2)`` seconds, so a reply later than that is
-    counted as ``foreign``.
+    counted as ``foreign``. ``on_kernel(seed_id)`` is called once a request
+    is settled (kernel attached, failed, or expired into the fallback), so a
+    trainer can wait for a graft without polling.
     """
 
     def __init__(
@@ -93,6 +96,7 @@ class KasminaPrefetchCoordinator:
         expire_interval_s: float = 0.5,
         publish_timeout_s: float = 2.0,
         install: bool = True,
+        on_kernel: Callable[[str], None] | None = None,
     ) -> None:
         if expire_interval_s <= 0 or publish_timeout_s <= 0:
             raise ValueError("expire_interval_s and publish_timeout_s must be positive")
@@ -106,6 +110,7 @@ class KasminaPrefetchCoordinator:
         self.training_run_id = training_run_id
         self.expire_interval_s = expire_interval_s
         self.publish_timeout_s = publish_timeout_s
+        self.on_kernel = on_kernel
         self._outstanding: dict[str, OutstandingRequest] = {}
         self._answered: OrderedDict[str, None] = OrderedDict()
         self._counts: Counter[str] = Counter()
@@ -156,6 +161,11 @@ class KasminaPrefetchCoordinator:
             reason=reason,
         )
         await self.manager.kernel_failed(seed_id, blueprint_id, f"publish_{reason}")
+        self._settled(seed_id)
+
+    def _settled(self, seed_id: str) -> None:
+        if self.on_kernel is not None:
+            self.on_kernel(seed_id)
 
     # ------------------------------------------------------------------ replies
     def _claim(self, request_id: str) -> OutstandingRequest | None:
@@ -198,6 +208,7 @@ class KasminaPrefetchCoordinator:
         self._load_ms_max = max(self._load_ms_max, load_ms)
         attached = await manager.attach_kernel(entry.seed_id, entry.blueprint_id, module, load_ms, "bus")
         self._counts["attached" if attached else "attach_declined"] += 1
+        self._settled(entry.seed_id)
 
     async def _reject(self, entry: OutstandingRequest, reason: str) -> None:
         self._counts[f"verify_failed.{reason}"] += 1
@@ -209,6 +220,7 @@ class KasminaPrefetchCoordinator:
             reason=reason,
         )
         await self.manager.kernel_failed(entry.seed_id, entry.blueprint_id, reason)
+        self._settled(entry.seed_id)
 
     async def handle_error(self, message: OonaMessage) -> None:
         """Report Urza's refusal to the manager (the error reader's handler)."""
@@ -219,6 +231,7 @@ class KasminaPrefetchCoordinator:
         reason = error.reason or "unknown_error"
         self._counts[f"replies_error.{reason}"] += 1
         await self.manager.kernel_failed(entry.seed_id, entry.blueprint_id, reason)
+        self._settled(entry.seed_id)
 
     # ------------------------------------------------------------------ running
     async def run(self, ctx: WorkerContext) -> None:
@@ -261,6 +274,7 @@ class KasminaPrefetchCoordinator:
         expired = await self.manager.expire_pending()
         if expired:
             self._counts["expired"] += expired
+            self._settled("")
         manager = self.manager
         horizon = manager.prefetch_timeout_seconds * (manager.prefetch_retries + 2)
         now = time.monotonic()

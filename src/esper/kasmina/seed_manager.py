@@ -68,6 +68,10 @@ class KasminaSeedManager(KernelAcquisition):
         elif stage == _L.SEED_STAGE_SHADOWING and ctx.stage_steps >= self.shadowing_steps:
             self._advance(ctx, _L.SEED_GATE_G4_SYSTEM_IMPACT, _L.SEED_STAGE_PROBATIONARY)
 
+    def awaiting_kernels(self) -> list[str]:
+        """Seeds whose kernel request is still unanswered (they graft once it is settled)."""
+        return [ctx.seed_id for ctx in self._seeds.values() if ctx.pending is not None]
+
     def update_epoch(self, epoch: int) -> None:
         """Record the global epoch (ages are counted from each seed's germination)."""
         if epoch < 0:

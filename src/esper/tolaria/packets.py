@@ -77,12 +77,17 @@ def state_packet(
     global_step: int,
     device: torch.device,
 ) -> leyline_pb2.SystemStatePacket:
-    """The ``SystemStatePacket`` the controller decides on: held-out numbers, seeds, free slots."""
+    """The ``SystemStatePacket`` the controller decides on: held-out numbers, seeds, free slots.
+
+    Without class labels there is no accuracy: the packet's
+    ``validation_accuracy`` is 0 and ``train_accuracy`` is left out; the
+    caller's held-out metrics travel as ``val_<name>``.
+    """
     train = measures.train
     packet = leyline_pb2.SystemStatePacket(
         version=1,
         current_epoch=epoch,
-        validation_accuracy=measures.validation_accuracy,
+        validation_accuracy=measures.validation_accuracy or 0.0,
         validation_loss=measures.validation_loss,
         training_loss=train.loss,
         timestamp_ns=time.time_ns(),
@@ -95,14 +100,18 @@ def state_packet(
     packet.training_metrics.update(
         {
             "train_loss": train.loss,
-            "train_accuracy": train.accuracy,
             "gradient_norm": train.gradient_norm,
             "epoch_latency_ms": measures.latency_ms,
             "samples_per_s": train.samples_per_s,
+            "parameters": float(measures.parameters),
             # Lets the controller defer a graft the model has no room for.
             "seed_slots_free": float(manager.free_slot_count()),
         }
     )
+    if train.accuracy is not None:
+        packet.training_metrics["train_accuracy"] = train.accuracy
+    for name, value in measures.validation.metrics.items():
+        packet.training_metrics[f"val_{name}"] = value
     packet.hardware_context.CopyFrom(_hardware_context(device))
     packet.seed_states.extend(manager.export_seed_states())
     return packet
@@ -120,20 +129,28 @@ def telemetry_packet(
     if train.samples == 0:
         events.append(TelemetryEvent("zero_samples", _L.TELEMETRY_LEVEL_ERROR, {"epoch": str(epoch)}))
         level, health = _L.TELEMETRY_LEVEL_ERROR, _L.HEALTH_STATUS_UNHEALTHY
+    metrics = [
+        TelemetryMetric("tolaria.training.loss", train.loss, "loss"),
+        TelemetryMetric("tolaria.validation.loss", measures.validation_loss, "loss"),
+        TelemetryMetric("tolaria.training.latency_ms", measures.latency_ms, "ms"),
+        TelemetryMetric("tolaria.training.gradient_norm", train.gradient_norm, "norm"),
+        TelemetryMetric("tolaria.training.samples_per_s", train.samples_per_s, "samples/s"),
+        TelemetryMetric("tolaria.seeds.active", active, "count"),
+        TelemetryMetric("tolaria.model.parameters", measures.parameters, "count"),
+    ]
+    if train.accuracy is not None:
+        metrics.append(TelemetryMetric("tolaria.training.accuracy", train.accuracy, "ratio"))
+    if measures.validation_accuracy is not None:
+        metrics.append(TelemetryMetric("tolaria.validation.accuracy", measures.validation_accuracy, "ratio"))
+    metrics.extend(
+        TelemetryMetric(f"tolaria.validation.{name}", value)
+        for name, value in measures.validation.metrics.items()
+    )
     return build_telemetry_packet(
         source="tolaria",
         packet_id=f"{training_run_id}-telemetry-{epoch}",
         level=level,
-        metrics=[
-            TelemetryMetric("tolaria.training.loss", train.loss, "loss"),
-            TelemetryMetric("tolaria.training.accuracy", train.accuracy, "ratio"),
-            TelemetryMetric("tolaria.validation.loss", measures.validation_loss, "loss"),
-            TelemetryMetric("tolaria.validation.accuracy", measures.validation_accuracy, "ratio"),
-            TelemetryMetric("tolaria.training.latency_ms", measures.latency_ms, "ms"),
-            TelemetryMetric("tolaria.training.gradient_norm", train.gradient_norm, "norm"),
-            TelemetryMetric("tolaria.training.samples_per_s", train.samples_per_s, "samples/s"),
-            TelemetryMetric("tolaria.seeds.active", active, "count"),
-        ],
+        metrics=metrics,
         events=events,
         health_status=health,
         health_summary="zero_samples" if train.samples == 0 else "nominal",

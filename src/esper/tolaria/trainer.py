@@ -3,21 +3,26 @@
 One epoch (:meth:`TolariaTrainer.run_epoch`):
 
 1. ``manager.update_epoch(n)``;
-2. train over the training split: cross-entropy, a host optimizer over
+2. train over the training batches ``(inputs, targets)`` with the caller's
+   ``loss`` (cross-entropy by default; any scalar loss, regression included),
+   a host optimizer over
    ``model.parameters()`` (seed kernels are outside ``_modules``, so never in
    it) and a separate seed optimizer over ``manager.seed_parameters()``,
    re-synchronised before every batch (kept parameters keep their Adam state,
    new kernels join, retired ones leave); ``manager.step()`` after each
    optimizer step; the gradient norm is the true global L2 norm over host and
    seed gradients of each step (the epoch reports their mean);
-3. evaluate on the **held-out** split: real validation loss and accuracy
-   (never training numbers, never forced);
+3. evaluate on the **held-out** batches: real validation loss, accuracy when
+   the targets are class labels, and the caller's ``metrics`` (never training
+   numbers, never forced);
 4. checkpoint atomically (when ``checkpoint_dir`` is set);
 5. publish a ``SystemStatePacket`` on ``oona.normal``, a ``tolaria``
    telemetry packet, and every Kasmina telemetry packet at its own priority
    (HIGH/CRITICAL go to ``oona.emergency``);
 6. optionally wait (``command_wait_s``) for the controller's answer to the
-   state just published: see :meth:`TolariaTrainer.wait_for_commands`.
+   state just published: see :meth:`TolariaTrainer.wait_for_commands` (with a
+   :class:`~esper.tolaria.decisions.DecisionReader` among the services the
+   wait ends as soon as the controller has decided).
 
 Concurrency choice: compute runs **on the event loop**, yielding with
 ``await asyncio.sleep(0)`` after every batch (after ``manager.step()``).
@@ -35,7 +40,8 @@ by the structural :class:`~esper.tolaria.protocols.SeedManager` protocol,
 which ``esper.kasmina.KasminaSeedManager`` satisfies.
 
 This module holds the loop and its bookkeeping; the arithmetic of an epoch
-is in :mod:`esper.tolaria.compute`, what goes on the bus in
+is in :mod:`esper.tolaria.compute`, the wait for the controller's answer in
+:mod:`esper.tolaria.answers`, what goes on the bus in
 :mod:`esper.tolaria.packets`, and the config and result records in
 :mod:`esper.tolaria.records`.
 """
@@ -45,11 +51,12 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from esper.core.logs import get_logger
@@ -57,46 +64,63 @@ from esper.core.worker import WorkerContext, run_children
 from esper.leyline import leyline_pb2
 from esper.oona import OonaClient
 from esper.tolaria import packets
+from esper.tolaria.answers import ControllerAnswers
 from esper.tolaria.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from esper.tolaria.compute import EpochCompute
-from esper.tolaria.data import DataSplits
 from esper.tolaria.packets import packet_priority
 from esper.tolaria.protocols import SeedManager, Service
 from esper.tolaria.records import (
     LIVE_STAGES,
-    CommandRecord,
     EpochCallback,
     EpochMeasures,
     EpochResult,
+    LossFn,
+    MetricFn,
     SeedSummary,
     TrainingConfig,
+    check_metric_names,
+    resolve_device,
 )
 
 _log = get_logger("esper.tolaria")
 CHECKPOINT_FORMAT = 1
 
 
-class TolariaTrainer(EpochCompute):
-    """Trains ``model`` with ``manager``'s seeds grafted in; see the module docstring."""
+class TolariaTrainer(EpochCompute, ControllerAnswers):
+    """Trains ``model`` with ``manager``'s seeds grafted in; see the module docstring.
+
+    ``train`` and ``validation`` are re-iterable sources of ``(inputs,
+    targets)`` batches (e.g. ``DataLoader``\\ s), iterated once per epoch;
+    ``loss(outputs, targets)`` returns the batch mean; ``metrics`` name other
+    held-out measures (``{"mae": fn}``), reported per epoch and on the bus.
+    """
 
     def __init__(
         self,
         model: nn.Module,
         manager: SeedManager,
-        data: DataSplits,
+        train: Iterable[Any],
+        validation: Iterable[Any],
         *,
         client: OonaClient | None,
         training_run_id: str,
         config: TrainingConfig,
+        loss: LossFn = F.cross_entropy,
+        metrics: Mapping[str, MetricFn] | None = None,
         services: Sequence[Service] = (),
     ) -> None:
         if not training_run_id:
             raise ValueError("training_run_id must not be empty")
+        metric_fns = dict(metrics or {})
+        check_metric_names(list(metric_fns))
         self.config = config
-        self.device = torch.device(config.device)
+        self.device = resolve_device(config.device)
         self.model = model.to(self.device)
         self.manager = manager
-        self.data = data
+        self.train_data = train
+        self.validation_data = validation
+        self.loss_fn = loss
+        self.metric_fns = metric_fns
         self.client = client
         self.training_run_id = training_run_id
         self.services = tuple(services)
@@ -109,48 +133,9 @@ class TolariaTrainer(EpochCompute):
         self.epoch = 0
         self.global_step = 0
         self.history: list[EpochResult] = []
-        self._commands: list[CommandRecord] = []
+        self._init_answers()
         self._reported_commands = 0
-        self._since_state: list[CommandRecord] = []
-        self._command_arrived = asyncio.Event()
         self._known_grafts: set[tuple[str, str]] = set()
-
-    # -- commands ----------------------------------------------------------------------
-
-    async def apply_command(self, command: leyline_pb2.AdaptationCommand) -> Any:
-        """Hand ``command`` to the manager and record the outcome (use as an intake's handler)."""
-        result = await self.manager.handle_command(command)
-        self.notify_command(command, result)
-        return result
-
-    def notify_command(self, command: leyline_pb2.AdaptationCommand, result: Any = None) -> None:
-        """Record a command some other component applied with ``manager.handle_command``.
-
-        Wakes :meth:`wait_for_commands`. ``result`` is Kasmina's
-        ``CommandResult`` (``status``/``reason``) or ``None``.
-        """
-        record = packets.command_record(command, result)
-        self._commands.append(record)
-        self._since_state.append(record)
-        self._command_arrived.set()
-
-    async def wait_for_commands(self, timeout_s: float, count: int = 1) -> list[CommandRecord]:
-        """Wait until ``count`` commands were applied since the last state packet, or ``timeout_s``.
-
-        Event driven (no polling); returns the commands seen since that packet.
-        """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + max(0.0, timeout_s)
-        while len(self._since_state) < count:
-            self._command_arrived.clear()
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            try:
-                await asyncio.wait_for(self._command_arrived.wait(), remaining)
-            except TimeoutError:
-                break
-        return list(self._since_state)
 
     # -- running -----------------------------------------------------------------------
 
@@ -195,12 +180,12 @@ class TolariaTrainer(EpochCompute):
         self.manager.update_epoch(epoch)
         started = time.perf_counter()
         train = await self._train()
-        validation_loss, validation_accuracy = self.evaluate()
+        validation = self.evaluate()
         latency_ms = (time.perf_counter() - started) * 1000.0
         self.epoch = epoch
         seeds = self.seed_summaries()
         grafted = self._new_grafts(seeds)
-        measures = EpochMeasures(train, validation_loss, validation_accuracy, latency_ms)
+        measures = EpochMeasures(train, validation, latency_ms, self.parameter_count())
         state = packets.state_packet(
             self.manager,
             measures,
@@ -216,10 +201,11 @@ class TolariaTrainer(EpochCompute):
         self.manager.build_telemetry()
         kasmina_packets = self.manager.drain_telemetry()
         checkpoint = await self.save_checkpoint() if self.config.checkpoint_dir is not None else None
-        self._since_state.clear()
+        self._expect_answer(state.validation_loss)
         failures = await self._publish(state, telemetry, kasmina_packets)
         if self.config.command_wait_s > 0:
             await self.wait_for_commands(self.config.command_wait_s, self.config.commands_per_epoch)
+        decision = self._take_answer()
         commands = self._commands[self._reported_commands :]
         self._reported_commands = len(self._commands)
         result = EpochResult(
@@ -227,8 +213,8 @@ class TolariaTrainer(EpochCompute):
             global_step=self.global_step,
             train_loss=train.loss,
             train_accuracy=train.accuracy,
-            validation_loss=validation_loss,
-            validation_accuracy=validation_accuracy,
+            validation_loss=validation.loss,
+            validation_accuracy=validation.accuracy,
             gradient_norm=train.gradient_norm,
             latency_ms=latency_ms,
             samples_per_s=train.samples_per_s,
@@ -240,14 +226,18 @@ class TolariaTrainer(EpochCompute):
             checkpoint=checkpoint,
             kasmina_packets=len(kasmina_packets),
             publish_failures=failures,
+            validation_metrics=dict(validation.metrics),
+            parameters=measures.parameters,
+            decision=decision,
         )
         self.history.append(result)
         _log.info(
             "tolaria.epoch",
             epoch=epoch,
             train_loss=round(train.loss, 5),
-            validation_loss=round(validation_loss, 5),
-            validation_accuracy=round(validation_accuracy, 5),
+            validation_loss=round(validation.loss, 5),
+            validation_accuracy=None if validation.accuracy is None else round(validation.accuracy, 5),
+            validation_metrics={k: round(v, 5) for k, v in validation.metrics.items()},
             seeds=[f"{s.seed_id}:{s.stage}" for s in seeds],
             latency_ms=round(latency_ms, 2),
         )
