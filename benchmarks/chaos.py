@@ -60,7 +60,9 @@ class Replica:
         self.index = index
         self.var = root / f"replica-{index}"
         self.env = {
-            k: v for k, v in os.environ.items() if not k.startswith(("ESPER_", "OONA_", "URZA_", "WEATHERLIGHT_"))
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("ESPER_", "OONA_", "URZA_", "WEATHERLIGHT_"))
         }
         self.env.update(
             ESPER_LEYLINE_SECRET=SECRET,
@@ -156,7 +158,9 @@ async def faults(replicas: list[Replica], server: RedisServer, ledger: Ledger, s
         replicas[1].kill()
 
 
-async def drive(url: str, replicas: list[Replica], server: RedisServer, seconds: float, rate: float) -> Ledger:
+async def drive(
+    url: str, replicas: list[Replica], server: RedisServer, seconds: float, rate: float
+) -> Ledger:
     ledger = Ledger()
     trainer = OonaClient(url, StreamConfig(instance="chaos-trainer"), KeyRing(SECRET.encode()))
 
@@ -167,8 +171,11 @@ async def drive(url: str, replicas: list[Replica], server: RedisServer, seconds:
         ledger.on_reply(message.decode(pb.KernelArtifactError).request_id)
 
     ready = trainer.broadcast(
-        "oona.kernels.ready", on_ready, types={pb.BUS_MESSAGE_TYPE_KERNEL_PREFETCH_READY},
-        ignore_types={pb.BUS_MESSAGE_TYPE_KERNEL_CATALOG_UPDATE}, batch=512,
+        "oona.kernels.ready",
+        on_ready,
+        types={pb.BUS_MESSAGE_TYPE_KERNEL_PREFETCH_READY},
+        ignore_types={pb.BUS_MESSAGE_TYPE_KERNEL_CATALOG_UPDATE},
+        batch=512,
     )
     errors = trainer.broadcast(
         "oona.kernels.errors", on_error, types={pb.BUS_MESSAGE_TYPE_KERNEL_PREFETCH_ERROR}, batch=512
@@ -198,14 +205,19 @@ def main() -> None:
             TezzeretForge(KarnCatalog(), library).run(16, list(BLUEPRINTS))
         port = free_port()
         server = RedisServer(
-            ServerOptions(data_dir=root / "redis", port=port, append_only=True, extra_args=("--appendfsync", "always"))
+            ServerOptions(
+                data_dir=root / "redis", port=port, append_only=True, extra_args=("--appendfsync", "always")
+            )
         )
         server.start()
         replicas = [Replica(i, root, server.url) for i in range(args.replicas)]
         try:
             for replica in replicas:
                 replica.start()
-            print(f"{args.replicas} replicas ready; {args.rate:.0f} requests/s for {args.seconds:.0f} s", flush=True)
+            print(
+                f"{args.replicas} replicas ready; {args.rate:.0f} requests/s for {args.seconds:.0f} s",
+                flush=True,
+            )
             ledger = asyncio.run(drive(server.url, replicas, server, args.seconds, args.rate))
         finally:
             for replica in replicas:
@@ -216,19 +228,25 @@ def main() -> None:
     duplicates = sum(1 for n in ledger.replies.values() if n > 1)
     slowest: dict[str, float] = {}
     for name, at in ledger.faults:
-        during = [ledger.answered.get(r, float("inf")) - t for r, t in ledger.sent.items() if at - 1 <= t <= at + 5]
+        during = [
+            ledger.answered.get(r, float("inf")) - t for r, t in ledger.sent.items() if at - 1 <= t <= at + 5
+        ]
         slowest[name] = round(max(during, default=0.0), 3)
-    print(json.dumps({
-        "replicas": args.replicas,
-        "requests": len(ledger.sent),
-        "publishes_refused_then_retried": ledger.refused,
-        "lost": len(lost),
-        "duplicates": duplicates,
-        "p50_s": round(statistics.median(latencies), 4) if latencies else None,
-        "p99_s": round(latencies[int(len(latencies) * 0.99) - 1], 3) if latencies else None,
-        "max_s": round(latencies[-1], 3) if latencies else None,
-        "slowest_after_fault_s": slowest,
-    }))
+    print(
+        json.dumps(
+            {
+                "replicas": args.replicas,
+                "requests": len(ledger.sent),
+                "publishes_refused_then_retried": ledger.refused,
+                "lost": len(lost),
+                "duplicates": duplicates,
+                "p50_s": round(statistics.median(latencies), 4) if latencies else None,
+                "p99_s": round(latencies[int(len(latencies) * 0.99) - 1], 3) if latencies else None,
+                "max_s": round(latencies[-1], 3) if latencies else None,
+                "slowest_after_fault_s": slowest,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

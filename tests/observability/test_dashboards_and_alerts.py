@@ -26,7 +26,7 @@ from esper.leyline import leyline_pb2 as L
 from esper.oona import OonaClient, StreamConfig
 from esper.security import KeyRing
 from esper.tolaria.packets import seed_summaries, state_packet, telemetry_packet
-from esper.tolaria.records import EpochMeasures, TrainStats
+from esper.tolaria.records import EpochMeasures, Evaluation, TrainStats
 
 #: Series Prometheus makes itself for every target; no exporter emits them.
 PROMETHEUS_SERIES = frozenset({"up"})
@@ -113,7 +113,9 @@ async def test_every_alert_and_panel_metric_is_emitted(
         await trainer.redis.xadd("oona.kernels.requests", {b"payload": b"\x00garbage", b"signature": b"x"})
         # A training epoch's packets, built by Tolaria and Kasmina themselves; a kernel to warm.
         manager = KasminaSeedManager(keys=KeyRing(SECRET.encode()))
-        measures = EpochMeasures(TrainStats(0.9, 0.5, 1.2, 1000.0, 64), 0.8, 0.55, 120.0)
+        measures = EpochMeasures(
+            TrainStats(0.9, 0.5, 1.2, 1000.0, 64), Evaluation(0.8, 0.55, {}, 64), 3.0, 120
+        )
         state = state_packet(
             manager,
             measures,
