@@ -30,7 +30,7 @@ from esper.core import ConfigError, EsperSettings, configure_logging, get_logger
 from esper.core.cli import run_main
 from esper.core.worker import Worker, WorkerContext, run_children
 from esper.nissa.service import DEFAULT_HTTP_HOST, DEFAULT_HTTP_PORT, NissaService
-from esper.oona import InstanceLease, OonaClient, StreamConfig, connect
+from esper.oona import InstanceLease, KeySpace, OonaClient, StreamConfig, connect, hash_tag_for
 
 _log = get_logger("esper.nissa.cli")
 
@@ -57,7 +57,8 @@ async def serve(settings: EsperSettings, host: str, port: int) -> int:
         workers: dict[str, Worker] = {}
         instance = settings.oona_consumer_name
         if not instance:
-            lease = InstanceLease(lease_redis, "nissa", secrets.token_hex(16))
+            keys = KeySpace(hash_tag_for(settings.redis_url))
+            lease = InstanceLease(lease_redis, "nissa", secrets.token_hex(16), keys=keys)
             instance = await lease.acquire()
             workers["lease"] = lease.run
         client = OonaClient.from_settings(settings, instance=instance)

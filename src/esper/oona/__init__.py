@@ -17,6 +17,7 @@ from esper.oona.client import OonaClient
 from esper.oona.config import DeliveryPolicy, StreamConfig
 from esper.oona.connection import connect
 from esper.oona.housekeeping import HousekeepingReport
+from esper.oona.keys import KeySpace, hash_tag_for
 from esper.oona.lease import InstanceLease, LeaseLost, instance_token
 from esper.oona.messages import Handler, OonaMessage, PublishResult, RejectMessage, RejectReason, Reply
 from esper.oona.metrics import OonaMetrics
@@ -28,6 +29,7 @@ __all__ = [
     "Handler",
     "HousekeepingReport",
     "InstanceLease",
+    "KeySpace",
     "LeaseLost",
     "OonaClient",
     "OonaMessage",
@@ -39,5 +41,6 @@ __all__ = [
     "StreamConfig",
     "Subscription",
     "connect",
+    "hash_tag_for",
     "instance_token",
 ]

@@ -146,6 +146,7 @@ def _sentinel(parsed: MultiHostURL, config: StreamConfig, common: dict[str, Any]
 
 
 def _cluster(parsed: MultiHostURL, config: StreamConfig, common: dict[str, Any]) -> aioredis.Redis:
+    parser = common.pop("parser_class")
     cluster = RedisCluster(
         startup_nodes=[ClusterNode(host, port) for host, port in parsed.hosts],
         username=parsed.username,
@@ -154,4 +155,10 @@ def _cluster(parsed: MultiHostURL, config: StreamConfig, common: dict[str, Any])
         **_tls(parsed),
         **common,
     )
+    # RedisCluster takes no parser argument: give it to the keyword arguments every node's
+    # connections are built from (the startup nodes' and the shared set for nodes found later).
+    # Connections are opened lazily, so none exists yet.
+    cluster.connection_kwargs["parser_class"] = parser
+    for node in cluster.startup_nodes:
+        node.connection_kwargs["parser_class"] = parser
     return cast(aioredis.Redis, cluster)

@@ -24,6 +24,7 @@ from esper.core.instance_lock import AlreadyRunning, ensure_free
 from esper.core.redact import mask_url
 from esper.core.redis_server import RedisServerError, find_server_binary, port_in_use
 from esper.core.settings import EsperSettings
+from esper.oona import StreamConfig, connect
 from esper.urza import normalize_database_url
 
 
@@ -46,8 +47,11 @@ class PreflightReport:
 
 
 async def check_redis(url: str, timeout_s: float = 3.0) -> str | None:
-    """``None`` when the server answers PING, else why not."""
-    client = aioredis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+    """``None`` when the bus's server answers PING (standalone, Sentinel or Cluster), else why not."""
+    try:
+        client = connect(url, StreamConfig(instance="preflight"))
+    except ValueError as exc:
+        return f"REDIS_URL {mask_url(url)} is not usable: {exc}"
     try:
         await asyncio.wait_for(client.ping(), timeout_s)
     except (OSError, TimeoutError, aioredis.RedisError) as exc:

@@ -40,11 +40,13 @@ from esper.kasmina.warmer import KernelWarmer
 from esper.leyline import leyline_pb2
 from esper.oona import (
     InstanceLease,
+    KeySpace,
     OonaClient,
     OonaMessage,
     OonaMetrics,
     StreamConfig,
     connect,
+    hash_tag_for,
     instance_token,
 )
 from esper.security import KeyRing
@@ -243,7 +245,8 @@ class WeatherlightService:
         lease_redis = connect(self.redis_url, StreamConfig(instance=INSTANCE_SERVICE))
         try:
             token = instance_token(self.settings.var_dir / "instance-token")
-            lease = InstanceLease(lease_redis, INSTANCE_SERVICE, token)
+            keys = KeySpace(hash_tag_for(self.settings.redis_url))
+            lease = InstanceLease(lease_redis, INSTANCE_SERVICE, token, keys=keys)
             self.instance = await lease.acquire()
             async with self._role_client("service"):
                 try:
