@@ -12,8 +12,11 @@ from __future__ import annotations
 import re
 
 MASK = "***"
-# scheme://user:password@ -- the user part may be empty; neither part may hold '/', '@' or spaces.
-_USERINFO = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^\s:/@]*):(?P<password>[^\s/@]+)@")
+# scheme://user:password@host -- the user part may be empty and holds no ':', '/', '@' or space; the
+# password runs to the last '@' before the next '/' or space (an unescaped '@' in a password is
+# common, and clients split the authority at its last '@' too). The scheme is at most 32
+# characters so that hostile text (a long "a.a.a..." run) is scanned in linear time.
+_USERINFO = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.\-]{0,31}://[^\s:/@]*):(?P<password>[^\s/]+)@")
 _QUERY = re.compile(r"(?P<head>[?&](?:password|passwd|pwd)=)(?P<password>[^&#\s]+)", re.IGNORECASE)
 
 
