@@ -63,11 +63,11 @@ def test_secrets_are_masked_everywhere(
     isolated_env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("ESPER_LEYLINE_SECRET", SECRET)
-    monkeypatch.setenv("ESPER_LEYLINE_PREVIOUS_SECRETS", f"{OLD_SECRET}, another-old")
+    monkeypatch.setenv("ESPER_LEYLINE_PREVIOUS_SECRETS", f"{OLD_SECRET}, another-old-secret")
     settings = EsperSettings()
     primary, previous = settings.signing_secrets()
     assert primary == SECRET.encode()
-    assert previous == (OLD_SECRET.encode(), b"another-old")
+    assert previous == (OLD_SECRET.encode(), b"another-old-secret")
     masked = settings.masked()
     assert masked["ESPER_LEYLINE_SECRET"] == "***"
     assert masked["ESPER_LEYLINE_PREVIOUS_SECRETS"] == "***"
@@ -109,6 +109,47 @@ def test_missing_or_empty_secret_is_a_clear_error(
         monkeypatch.setenv("ESPER_LEYLINE_SECRET", value)
     with pytest.raises(ConfigError, match="ESPER_LEYLINE_SECRET"):
         load_settings(require_secret=True)
+
+
+def test_whitespace_is_stripped_from_every_secret(
+    isolated_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pasted newline or a space after a comma must not change the key (it would reject every entry)."""
+    monkeypatch.setenv("ESPER_LEYLINE_SECRET", f"  {SECRET}\n")
+    monkeypatch.setenv("ESPER_LEYLINE_PREVIOUS_SECRETS", f"\t{OLD_SECRET} , , another-old-secret\n")
+    assert load_settings().signing_secrets() == (
+        SECRET.encode(),
+        (OLD_SECRET.encode(), b"another-old-secret"),
+    )
+    # The same through keyword arguments and .env.
+    assert EsperSettings(leyline_secret=f" {SECRET} ").signing_secrets()[0] == SECRET.encode()
+    monkeypatch.delenv("ESPER_LEYLINE_SECRET")
+    (isolated_env / ".env").write_text(f"ESPER_LEYLINE_SECRET=' {SECRET}  '\n")
+    assert load_settings().signing_secrets()[0] == SECRET.encode()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("ESPER_LEYLINE_SECRET", "Qz", "the secret is shorter than 16 bytes"),
+        ("ESPER_LEYLINE_SECRET", "  fifteen-bytes! ", "the secret is shorter than 16 bytes"),
+        ("ESPER_LEYLINE_PREVIOUS_SECRETS", f"{OLD_SECRET},Tiny", "secret 2 of 2 is shorter than 16 bytes"),
+    ],
+)
+def test_short_secrets_are_refused_naming_the_variable(
+    isolated_env: Path, monkeypatch: pytest.MonkeyPatch, variable: str, value: str, says: str
+) -> None:
+    monkeypatch.setenv("ESPER_LEYLINE_SECRET", SECRET)
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    message = str(info.value)
+    assert f"{variable}: {says}" in message
+    assert "esper-config init" in message
+    for part in value.split(","):
+        assert part.strip() not in message.replace(variable, "")
+    monkeypatch.setenv(variable, "sixteen-bytes-ok")
+    load_settings(require_secret=True)  # exactly the minimum is accepted
 
 
 def _run_config(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
