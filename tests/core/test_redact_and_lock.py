@@ -93,6 +93,17 @@ def test_logs_mask_passwords_inside_object_reprs(capsys: pytest.CaptureFixture[s
         assert err.count("redis://:***@redis:6379/0") == 3, err
 
 
+def test_json_log_lines_stay_valid_whatever_the_password_holds(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("INFO", "json")
+    urls = ['postgresql://u@db/e?password=q"}{,x', 'redis://:q"}{@h:1/0']
+    get_logger("esper.test").info("urls", first=urls[0], both=urls, error=ValueError(urls[1]))
+    err = capsys.readouterr().err
+    line = json.loads(err.strip().splitlines()[-1])
+    assert line["first"] == "postgresql://u@db/e?password=***"
+    assert line["both"] == ["postgresql://u@db/e?password=***", "redis://:***@h:1/0"]
+    assert 'q\\"' not in err
+
+
 def test_logging_follows_the_current_stderr(monkeypatch: pytest.MonkeyPatch) -> None:
     """A stream swapped out and closed after set-up (as pytest does between tests) is never written to."""
     first = io.StringIO()
@@ -112,14 +123,15 @@ def test_logging_follows_the_current_stderr(monkeypatch: pytest.MonkeyPatch) -> 
 def test_long_fields_are_bounded_and_escaped(capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging("INFO", "console")
     hostile = "id\nfake line\x1b[31m" + "x" * 1_000_000
-    get_logger("esper.test").warning("huge", request_id=hostile, payload=b"\x00" * 100_000)
+    payload = b"\x00" * 100_000
+    get_logger("esper.test").warning("huge", request_id=hostile, payload=payload)
     err = capsys.readouterr().err
     assert len(err) < 3 * FIELD_LIMIT
     assert err.count("\n") == 1  # one line: the newline inside the id is shown escaped
     assert "\x1b" not in err  # no raw escape sequence reaches the terminal
     assert err.count("fake line") == 1
     assert f"...[{len(hostile)} chars]" in err
-    assert "...[100000 bytes]" in err
+    assert f"...[{len(repr(payload))} chars]" in err  # an object is bounded as its repr
 
 
 _HOLDER = textwrap.dedent(

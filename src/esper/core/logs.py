@@ -5,9 +5,9 @@
 are routed through the same processors so third-party messages look alike.
 
 Tracebacks (``exc_info``) are rendered to text in both formats and every
-rendered line goes through :func:`esper.core.redact.mask_url`, so a
-password inside a URL never reaches the log, whether it sits in a field, in
-the repr of an object or in an exception message deep in a traceback. Each
+field then goes through :func:`esper.core.redact.mask_data`, so a password
+inside a URL never reaches the log, whether it sits in a string, in the repr
+of an object or in an exception message deep in a traceback. Each
 field is bounded (see ``FIELD_LIMIT``) so that text from the wire cannot
 turn into megabyte log lines.
 
@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, Literal, TextIO
+from typing import Literal, TextIO
 
 import structlog
 
-from esper.core.redact import mask_url
+from esper.core.redact import mask_data
 from esper.core.untrusted import bounded
 
 LogFormat = Literal["json", "console"]
@@ -61,9 +61,9 @@ def configure_logging(level: str = "INFO", fmt: LogFormat = "console") -> None:
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info,
+            _mask_credentials,
             _bound_fields,
             renderer,
-            _mask_credentials,
         ],
     )
     handler = _CurrentStderr()
@@ -91,10 +91,6 @@ class _CurrentStderr(logging.StreamHandler[TextIO]):
 def _bound_fields(logger: object, name: str, event: structlog.types.EventDict) -> structlog.types.EventDict:
     """Cut over-long text fields; a traceback keeps its line breaks, other cut fields are escaped."""
     for key, value in event.items():
-        if isinstance(value, bytes | bytearray):
-            if len(value) > FIELD_LIMIT:
-                event[key] = bounded(value, FIELD_LIMIT)
-            continue
         if not isinstance(value, str):
             continue
         if key in _LONG_FIELDS:
@@ -105,9 +101,12 @@ def _bound_fields(logger: object, name: str, event: structlog.types.EventDict) -
     return event
 
 
-def _mask_credentials(logger: object, name: str, rendered: Any) -> Any:
-    """The rendered line with every URL password masked: the last step before output."""
-    return mask_url(rendered) if isinstance(rendered, str) else rendered
+def _mask_credentials(
+    logger: object, name: str, event: structlog.types.EventDict
+) -> structlog.types.EventDict:
+    """Every field masked, objects included (as the repr a renderer would print), before rendering."""
+    masked: structlog.types.EventDict = mask_data(event)
+    return masked
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
