@@ -192,3 +192,22 @@ def test_env_example_documents_every_variable() -> None:
         names = getattr(alias, "choices", [])
         assert names, "every setting is bound to an environment name"
         assert f"{names[0]}=" in example, f"{names[0]} missing from .env.example"
+
+
+_CRASH = """
+import sys
+from esper.core.cli import run_main
+def body():
+    raise RuntimeError("lost redis://:hunter2@10.0.0.5:6379/0")
+sys.exit(run_main(body))
+"""
+
+
+def test_an_unexpected_failure_exits_1_with_a_masked_traceback(isolated_env: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _CRASH], capture_output=True, text=True, cwd=isolated_env, check=False
+    )
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr
+    assert "RuntimeError: lost redis://:***@10.0.0.5:6379/0" in result.stderr
+    assert "hunter2" not in result.stderr
