@@ -176,6 +176,11 @@ class HealthServer:
             self.log.debug("http client disconnected", error=str(exc))
         except Exception:  # a handler bug must not take the server down with it
             self.log.exception("http handler failed")
+        except asyncio.CancelledError:
+            # ``stop()`` cancels open connections and awaits them. Ending normally here keeps
+            # Python 3.11's stream callback (it calls ``task.exception()`` on the finished
+            # handler) from logging the cancellation as an error.
+            self.log.debug("connection cancelled by stop()")
         finally:
             self._connections.discard(task)
             writer.close()
