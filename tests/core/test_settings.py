@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from esper.core import ConfigError, EsperSettings, configure_logging, get_logger, load_settings
+from esper.core.redis_server import embedded_options
 
 SECRET = "s3cr3t-value-that-must-never-appear"
 OLD_SECRET = "old-secret-value-also-hidden"
@@ -211,3 +212,14 @@ def test_an_unexpected_failure_exits_1_with_a_masked_traceback(isolated_env: Pat
     assert "Traceback" in result.stderr
     assert "RuntimeError: lost redis://:***@10.0.0.5:6379/0" in result.stderr
     assert "hunter2" not in result.stderr
+
+
+def test_bus_url_is_redis_url_or_the_embedded_server(isolated_env: Path) -> None:
+    assert EsperSettings(redis_url="redis://cache:6379/1").bus_url() == "redis://cache:6379/1"
+    with pytest.raises(ConfigError, match="REDIS_URL is not set and no embedded server") as info:
+        EsperSettings(var_dir=isolated_env / "var").bus_url()
+    assert "esper-weatherlight-service" in str(info.value)
+    options = embedded_options(isolated_env / "var")  # what the service keeps under the var dir
+    assert EsperSettings(var_dir=isolated_env / "var").bus_url() == options.url
+    assert options.password
+    assert options.password in options.url

@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from esper.core.errors import ConfigError
 from esper.core.redact import mask_url
+from esper.core.redis_server import RedisServerError, embedded_url
 
 SECRET_ENV = "ESPER_LEYLINE_SECRET"
 PREVIOUS_SECRETS_ENV = "ESPER_LEYLINE_PREVIOUS_SECRETS"
@@ -205,6 +206,28 @@ class EsperSettings(BaseSettings):
         return primary.encode(), previous
 
     # -- derived values ------------------------------------------------------------
+
+    def bus_url(self) -> str:
+        """The bus to connect to: ``REDIS_URL``, else the embedded server under ``ESPER_VAR_DIR``.
+
+        The service keeps its embedded server's port and password under
+        ``<ESPER_VAR_DIR>/redis/``, so every tool started with the same
+        settings (the same ``.env``) finds it. Raises ``ConfigError`` naming
+        ``REDIS_URL`` when it is unset and no embedded server was ever set up.
+        The URL holds the password: show it only through ``mask_url``.
+        """
+        if self.redis_url is not None:
+            return self.redis_url
+        try:
+            return embedded_url(self.var_dir)
+        except RedisServerError:
+            where = self.var_dir / "redis"
+            raise ConfigError(
+                [
+                    f"REDIS_URL is not set and no embedded server has been set up under {where}: start "
+                    "esper-weatherlight-service here first (or set REDIS_URL, or the service's ESPER_VAR_DIR)"
+                ]
+            ) from None
 
     def consumer_name(self, prefix: str) -> str:
         """A consumer name unique to this process, so replicas split work instead of colliding."""
