@@ -124,7 +124,7 @@ def test_long_fields_are_bounded_and_escaped(capsys: pytest.CaptureFixture[str])
     configure_logging("INFO", "console")
     hostile = "id\nfake line\x1b[31m" + "x" * 1_000_000
     payload = b"\x00" * 100_000
-    get_logger("esper.test").warning("huge", request_id=hostile, payload=payload)
+    get_logger("esper.test").warning("huge", request_id=hostile, payload=payload, source="a\nb\x1b[2J")
     err = capsys.readouterr().err
     assert len(err) < 3 * FIELD_LIMIT
     assert err.count("\n") == 1  # one line: the newline inside the id is shown escaped
@@ -132,6 +132,7 @@ def test_long_fields_are_bounded_and_escaped(capsys: pytest.CaptureFixture[str])
     assert err.count("fake line") == 1
     assert f"...[{len(hostile)} chars]" in err
     assert f"...[{len(repr(payload))} chars]" in err  # an object is bounded as its repr
+    assert "a\\x0ab\\x1b[2J" in err  # short values are escaped too
 
 
 _HOLDER = textwrap.dedent(

@@ -7,9 +7,9 @@ are routed through the same processors so third-party messages look alike.
 Tracebacks (``exc_info``) are rendered to text in both formats and every
 field then goes through :func:`esper.core.redact.mask_data`, so a password
 inside a URL never reaches the log, whether it sits in a string, in the repr
-of an object or in an exception message deep in a traceback. Each
-field is bounded (see ``FIELD_LIMIT``) so that text from the wire cannot
-turn into megabyte log lines.
+of an object or in an exception message deep in a traceback. Each field is
+then made printable and bounded (``FIELD_LIMIT``), so text from the wire can
+neither forge log lines nor turn into megabyte ones.
 
 Records go to whatever ``sys.stderr`` is when they are written, not the
 stream that was current at set-up: a test runner (or an embedding
@@ -31,7 +31,7 @@ LogFormat = Literal["json", "console"]
 #: Longest rendering of one field (characters); a traceback may be longer (``TRACEBACK_LIMIT``).
 FIELD_LIMIT = 4096
 TRACEBACK_LIMIT = 65536
-_LONG_FIELDS = frozenset({"exception", "stack"})
+_LONG_FIELDS = frozenset({"event", "exception", "stack"})
 
 
 def configure_logging(level: str = "INFO", fmt: LogFormat = "console") -> None:
@@ -89,14 +89,19 @@ class _CurrentStderr(logging.StreamHandler[TextIO]):
 
 
 def _bound_fields(logger: object, name: str, event: structlog.types.EventDict) -> structlog.types.EventDict:
-    """Cut over-long text fields; a traceback keeps its line breaks, other cut fields are escaped."""
+    """Make every text field one bounded, printable string (see ``esper.core.untrusted``).
+
+    Field values may come from the wire: a newline or an escape sequence in one could forge a
+    log line or repaint a terminal, so any value that is not printable or is too long is shown
+    escaped and cut. The message and tracebacks keep their line breaks and are only cut.
+    """
     for key, value in event.items():
         if not isinstance(value, str):
             continue
         if key in _LONG_FIELDS:
             if len(value) > TRACEBACK_LIMIT:
                 event[key] = value[:TRACEBACK_LIMIT] + f"\n...[{len(value)} chars]"
-        elif len(value) > FIELD_LIMIT:
+        elif len(value) > FIELD_LIMIT or not value.isprintable():
             event[key] = bounded(value, FIELD_LIMIT)
     return event
 
