@@ -62,3 +62,14 @@ def test_temp_prefix_names_the_temp_file(tmp_path: Path) -> None:
 def test_fsync_directory_accepts_a_directory(tmp_path: Path) -> None:
     fsync_directory(tmp_path)
     fsync_directory(tmp_path / "does-not-exist")  # no directory fd: nothing to flush
+
+
+def test_no_replace_creates_once_and_never_touches_an_existing_file(tmp_path: Path) -> None:
+    target = tmp_path / "once"
+    write_atomic(target, b"first", mode=0o600, replace=False)
+    assert target.read_bytes() == b"first"
+    assert target.stat().st_mode & 0o777 == 0o600
+    with pytest.raises(FileExistsError):
+        write_atomic(target, b"second", replace=False)
+    assert target.read_bytes() == b"first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["once"]  # no temp file left behind

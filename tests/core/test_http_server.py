@@ -111,6 +111,21 @@ async def test_status_is_json(server: HealthServer) -> None:
     assert json.loads(body)["workers"][0]["name"] == "oona"
 
 
+async def test_status_masks_url_passwords_wherever_they_sit() -> None:
+    class Failure:
+        def __str__(self) -> str:
+            return "lost redis://:hunter2@10.0.0.5:6379/0"
+
+    state = {"error": Failure(), "nested": [{"url": "postgresql://u:hunter3@db/e?password=hunter4"}]}
+    async with HealthServer("127.0.0.1", 0, registry=CollectorRegistry(), status=lambda: state) as srv:
+        status, _headers, body = await get(srv.port, "/status")
+    assert status == 200
+    assert b"hunter" not in body
+    shown = json.loads(body)
+    assert shown["error"] == "lost redis://:***@10.0.0.5:6379/0"
+    assert shown["nested"][0]["url"] == "postgresql://u:***@db/e?password=***"
+
+
 @pytest.mark.parametrize(
     "raw",
     [

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from esper.core import ConfigError, EsperSettings, configure_logging, get_logger, load_settings
+from esper.core.redis_server import embedded_options
 
 SECRET = "s3cr3t-value-that-must-never-appear"
 OLD_SECRET = "old-secret-value-also-hidden"
@@ -63,11 +64,11 @@ def test_secrets_are_masked_everywhere(
     isolated_env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("ESPER_LEYLINE_SECRET", SECRET)
-    monkeypatch.setenv("ESPER_LEYLINE_PREVIOUS_SECRETS", f"{OLD_SECRET}, another-old")
+    monkeypatch.setenv("ESPER_LEYLINE_PREVIOUS_SECRETS", f"{OLD_SECRET}, another-old-secret")
     settings = EsperSettings()
     primary, previous = settings.signing_secrets()
     assert primary == SECRET.encode()
-    assert previous == (OLD_SECRET.encode(), b"another-old")
+    assert previous == (OLD_SECRET.encode(), b"another-old-secret")
     masked = settings.masked()
     assert masked["ESPER_LEYLINE_SECRET"] == "***"
     assert masked["ESPER_LEYLINE_PREVIOUS_SECRETS"] == "***"
@@ -111,6 +112,47 @@ def test_missing_or_empty_secret_is_a_clear_error(
         load_settings(require_secret=True)
 
 
+def test_whitespace_is_stripped_from_every_secret(
+    isolated_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pasted newline or a space after a comma must not change the key (it would reject every entry)."""
+    monkeypatch.setenv("ESPER_LEYLINE_SECRET", f"  {SECRET}\n")
+    monkeypatch.setenv("ESPER_LEYLINE_PREVIOUS_SECRETS", f"\t{OLD_SECRET} , , another-old-secret\n")
+    assert load_settings().signing_secrets() == (
+        SECRET.encode(),
+        (OLD_SECRET.encode(), b"another-old-secret"),
+    )
+    # The same through keyword arguments and .env.
+    assert EsperSettings(leyline_secret=f" {SECRET} ").signing_secrets()[0] == SECRET.encode()
+    monkeypatch.delenv("ESPER_LEYLINE_SECRET")
+    (isolated_env / ".env").write_text(f"ESPER_LEYLINE_SECRET=' {SECRET}  '\n")
+    assert load_settings().signing_secrets()[0] == SECRET.encode()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("ESPER_LEYLINE_SECRET", "Qz", "the secret is shorter than 16 bytes"),
+        ("ESPER_LEYLINE_SECRET", "  fifteen-bytes! ", "the secret is shorter than 16 bytes"),
+        ("ESPER_LEYLINE_PREVIOUS_SECRETS", f"{OLD_SECRET},Tiny", "secret 2 of 2 is shorter than 16 bytes"),
+    ],
+)
+def test_short_secrets_are_refused_naming_the_variable(
+    isolated_env: Path, monkeypatch: pytest.MonkeyPatch, variable: str, value: str, says: str
+) -> None:
+    monkeypatch.setenv("ESPER_LEYLINE_SECRET", SECRET)
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    message = str(info.value)
+    assert f"{variable}: {says}" in message
+    assert "esper-config init" in message
+    for part in value.split(","):
+        assert part.strip() not in message.replace(variable, "")
+    monkeypatch.setenv(variable, "sixteen-bytes-ok")
+    load_settings(require_secret=True)  # exactly the minimum is accepted
+
+
 def _run_config(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-c", "from esper.core.cli import main; main()", *args],
@@ -151,3 +193,33 @@ def test_env_example_documents_every_variable() -> None:
         names = getattr(alias, "choices", [])
         assert names, "every setting is bound to an environment name"
         assert f"{names[0]}=" in example, f"{names[0]} missing from .env.example"
+
+
+_CRASH = """
+import sys
+from esper.core.cli import run_main
+def body():
+    raise RuntimeError("lost redis://:hunter2@10.0.0.5:6379/0")
+sys.exit(run_main(body))
+"""
+
+
+def test_an_unexpected_failure_exits_1_with_a_masked_traceback(isolated_env: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _CRASH], capture_output=True, text=True, cwd=isolated_env, check=False
+    )
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr
+    assert "RuntimeError: lost redis://:***@10.0.0.5:6379/0" in result.stderr
+    assert "hunter2" not in result.stderr
+
+
+def test_bus_url_is_redis_url_or_the_embedded_server(isolated_env: Path) -> None:
+    assert EsperSettings(redis_url="redis://cache:6379/1").bus_url() == "redis://cache:6379/1"
+    with pytest.raises(ConfigError, match="REDIS_URL is not set and no embedded server") as info:
+        EsperSettings(var_dir=isolated_env / "var").bus_url()
+    assert "esper-weatherlight-service" in str(info.value)
+    options = embedded_options(isolated_env / "var")  # what the service keeps under the var dir
+    assert EsperSettings(var_dir=isolated_env / "var").bus_url() == options.url
+    assert options.password
+    assert options.password in options.url

@@ -12,13 +12,12 @@ import pytest
 from esper.leyline import leyline_pb2
 
 ROOT = Path(__file__).resolve().parents[2]
-FIELDS_JSON = ROOT.parent / "shared" / "design" / "leyline-v1-fields.json"
-_LOCAL_COPY = ROOT / "contracts" / "leyline" / "leyline-v1-fields.json"
+#: The esper-lite v1 wire contract (field numbers, labels, types, enum values), kept in the repository.
+FIELDS_JSON = ROOT / "contracts" / "leyline" / "leyline-v1-fields.json"
 
 
 def _contract() -> dict[str, object]:
-    path = FIELDS_JSON if FIELDS_JSON.exists() else _LOCAL_COPY
-    data: dict[str, object] = json.loads(path.read_text())
+    data: dict[str, object] = json.loads(FIELDS_JSON.read_text())
     return data
 
 
@@ -72,12 +71,6 @@ def test_round_trip_of_a_nested_message() -> None:
     decoded = leyline_pb2.AdaptationCommand.FromString(command.SerializeToString())
     assert decoded == command
     assert decoded.WhichOneof("payload") == "seed_operation"
-
-
-def test_local_copy_of_contract_matches_design() -> None:
-    if not FIELDS_JSON.exists():
-        pytest.skip("design folder not beside the checkout")
-    assert json.loads(_LOCAL_COPY.read_text()) == json.loads(FIELDS_JSON.read_text())
 
 
 def test_generated_code_matches_proto() -> None:

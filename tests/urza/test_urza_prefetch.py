@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 
+from esper.core.logs import configure_logging
 from esper.core.worker import running
 from esper.karn import KarnCatalog
 from esper.leyline import leyline_pb2 as pb
@@ -217,3 +219,21 @@ async def test_v1_peer_request_without_envelope_attributes_is_answered(
     await raw.aclose()
     reply = await replies.wait_for("r-v1")
     assert isinstance(reply, pb.KernelArtifactReady)
+
+
+async def test_a_huge_hostile_request_id_is_logged_short_and_on_one_line(
+    bus: tuple[OonaClient, UrzaPrefetchWorker, Replies], capsys: pytest.CaptureFixture[str]
+) -> None:
+    configure_logging("INFO", "json")
+    peer, _worker, replies = bus
+    request_id = 'evil\n{"event": "forged"}' + "x" * 500_000
+    assert (await peer.publish_kernel_prefetch_request(_request(request_id, "BP999\x1b[2J"))).ok
+    reply = await replies.wait_for(request_id)
+    assert reply.reason == "missing_artifact"  # type: ignore[union-attr]
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    logged = next(line for line in lines if line["event"] == "urza.prefetch_error")
+    assert logged["request_id"].startswith("evil\\x0a{")
+    assert logged["request_id"].endswith(f"...[{len(request_id)} chars]")
+    assert len(logged["request_id"]) < 200
+    assert logged["blueprint_id"] == "BP999\\x1b[2J"
+    assert not any(line["event"] == "forged" for line in lines)

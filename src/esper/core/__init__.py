@@ -1,4 +1,4 @@
-"""Settings, errors, logging, telemetry, URL masking, the instance lock and durable files, for all."""
+"""Settings, errors, logging, telemetry, URL masking, log-safe untrusted text, the instance lock, files."""
 
 from esper.core.errors import ConfigError
 from esper.core.files import fsync_directory, write_atomic, write_atomic_with
@@ -7,6 +7,7 @@ from esper.core.logs import configure_logging, get_logger
 from esper.core.redact import mask_url
 from esper.core.settings import MASK, PREVIOUS_SECRETS_ENV, SECRET_ENV, EsperSettings, load_settings
 from esper.core.telemetry import TelemetryEvent, TelemetryMetric, build_telemetry_packet
+from esper.core.untrusted import bounded
 
 __all__ = [
     "MASK",
@@ -18,6 +19,7 @@ __all__ = [
     "InstanceLock",
     "TelemetryEvent",
     "TelemetryMetric",
+    "bounded",
     "build_telemetry_packet",
     "configure_logging",
     "fsync_directory",

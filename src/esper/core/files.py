@@ -49,12 +49,16 @@ def write_atomic_with(
     *,
     temp_prefix: str = ".",
     mode: int = 0o666,
+    replace: bool = True,
 ) -> None:
     """Replace ``path`` with whatever ``writer`` writes into the open binary file.
 
     For producers that stream into a file object (``torch.save``). If
     ``writer`` raises, the temp file is removed and ``path`` is untouched.
-    ``mode`` is the permission of the new file before the umask.
+    ``mode`` is the permission of the new file before the umask. With
+    ``replace=False`` an existing ``path`` is never touched: the complete
+    file is hard-linked into place, which fails with ``FileExistsError`` if
+    ``path`` exists (atomically: two racing writers cannot both win).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f"{temp_prefix}{path.name}.{uuid.uuid4().hex}.tmp"
@@ -64,7 +68,11 @@ def write_atomic_with(
             writer(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+            tmp.unlink()
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -72,6 +80,10 @@ def write_atomic_with(
     fsync_directory(path.parent)
 
 
-def write_atomic(path: Path, data: bytes, *, temp_prefix: str = ".", mode: int = 0o666) -> None:
+def write_atomic(
+    path: Path, data: bytes, *, temp_prefix: str = ".", mode: int = 0o666, replace: bool = True
+) -> None:
     """Replace ``path`` with ``data``: readers see the old or the new file, never a mix."""
-    write_atomic_with(path, lambda handle: handle.write(data), temp_prefix=temp_prefix, mode=mode)
+    write_atomic_with(
+        path, lambda handle: handle.write(data), temp_prefix=temp_prefix, mode=mode, replace=replace
+    )

@@ -14,7 +14,8 @@ a connection open forever.
   named paths in one pass (``add_checks``), so one health function can back
   ``/readyz`` and everything else that reports health.
 - ``/metrics``: Prometheus text from a ``CollectorRegistry``.
-- ``/status`` (and any route added with ``add_json_route``): JSON from a callable.
+- ``/status`` (and any route added with ``add_json_route``): JSON from a callable, with every URL
+  password masked (as in ``/readyz?verbose`` details).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
 from esper.core.logs import get_logger
-from esper.core.redact import mask_url
+from esper.core.redact import mask_data, mask_url
 from esper.core.worker import WorkerContext
 
 ReadinessCheck = Callable[[], Awaitable[tuple[bool, str]]]
@@ -175,6 +176,11 @@ class HealthServer:
             self.log.debug("http client disconnected", error=str(exc))
         except Exception:  # a handler bug must not take the server down with it
             self.log.exception("http handler failed")
+        except asyncio.CancelledError:
+            # ``stop()`` cancels open connections and awaits them. Ending normally here keeps
+            # Python 3.11's stream callback (it calls ``task.exception()`` on the finished
+            # handler) from logging the cancellation as an error.
+            self.log.debug("connection cancelled by stop()")
         finally:
             self._connections.discard(task)
             writer.close()
@@ -207,7 +213,8 @@ class HealthServer:
             return _Response(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
         route = self._json_routes.get(parts.path)
         if route is not None:
-            body = json.dumps(route(), default=str, sort_keys=True).encode()
+            # Every value masked, like log fields: a URL password anywhere in it never leaves the process.
+            body = json.dumps(mask_data(route(), render=str), sort_keys=True).encode()
             return _Response(200, body + b"\n", "application/json")
         return _Response(404, b"not found\n")
 

@@ -19,10 +19,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from esper.core.errors import ConfigError
 from esper.core.redact import mask_url
+from esper.core.redis_server import RedisServerError, embedded_url
 
 SECRET_ENV = "ESPER_LEYLINE_SECRET"
 PREVIOUS_SECRETS_ENV = "ESPER_LEYLINE_PREVIOUS_SECRETS"
 MASK = "***"
+#: Shortest accepted signing secret, in bytes (UTF-8): an HMAC key is only as strong as its length.
+MIN_SECRET_BYTES = 16
+_SECRET_HINT = "use a long random value (esper-config init writes one to .env)"
 _REDIS_SCHEMES = frozenset({"redis", "rediss", "unix", "redis+sentinel", "redis+cluster"})
 _SQL_SCHEMES = ("sqlite", "postgresql")
 
@@ -160,6 +164,33 @@ class EsperSettings(BaseSettings):
         return value
 
     # -- secrets -----------------------------------------------------------------
+    # Both variables are normalised the same way: surrounding whitespace (a pasted newline, a
+    # space after a comma) is dropped, blank means unset, and a value shorter than
+    # MIN_SECRET_BYTES is refused. Errors name the variable, never the value.
+
+    @field_validator("leyline_secret", mode="before")
+    @classmethod
+    def _normalise_secret(cls, value: Any) -> Any:
+        text = _secret_text(value)
+        if text is None:
+            return value
+        text = text.strip()
+        if not text:
+            return None
+        _check_length(text, "the secret")
+        return text
+
+    @field_validator("leyline_previous_secrets", mode="before")
+    @classmethod
+    def _normalise_previous(cls, value: Any) -> Any:
+        text = _secret_text(value)
+        if text is None:
+            return value
+        items = [item.strip() for item in text.split(",")]
+        kept = [item for item in items if item]
+        for position, item in enumerate(kept, start=1):
+            _check_length(item, f"secret {position} of {len(kept)}")
+        return ",".join(kept) or None
 
     def signing_secrets(self) -> tuple[bytes, tuple[bytes, ...]]:
         """Return the primary secret and the previous ones accepted during rotation.
@@ -167,16 +198,38 @@ class EsperSettings(BaseSettings):
         Raises ``ConfigError`` naming the variable when the primary secret is
         missing or blank: nothing on the bus may be sent or accepted unsigned.
         """
-        primary = self.leyline_secret.get_secret_value() if self.leyline_secret else ""
-        if not primary.strip():
-            raise ConfigError([f"{SECRET_ENV} is missing or empty; set it to a long random value"])
+        if self.leyline_secret is None:
+            raise ConfigError([f"{SECRET_ENV} is missing or empty; {_SECRET_HINT}"])
+        primary = self.leyline_secret.get_secret_value()
         raw_previous = (
             self.leyline_previous_secrets.get_secret_value() if self.leyline_previous_secrets else ""
         )
-        previous = tuple(item.strip().encode() for item in raw_previous.split(",") if item.strip())
+        previous = tuple(item.encode() for item in raw_previous.split(",") if item)
         return primary.encode(), previous
 
     # -- derived values ------------------------------------------------------------
+
+    def bus_url(self) -> str:
+        """The bus to connect to: ``REDIS_URL``, else the embedded server under ``ESPER_VAR_DIR``.
+
+        The service keeps its embedded server's port and password under
+        ``<ESPER_VAR_DIR>/redis/``, so every tool started with the same
+        settings (the same ``.env``) finds it. Raises ``ConfigError`` naming
+        ``REDIS_URL`` when it is unset and no embedded server was ever set up.
+        The URL holds the password: show it only through ``mask_url``.
+        """
+        if self.redis_url is not None:
+            return self.redis_url
+        try:
+            return embedded_url(self.var_dir)
+        except RedisServerError:
+            where = self.var_dir / "redis"
+            raise ConfigError(
+                [
+                    f"REDIS_URL is not set and no embedded server has been set up under {where}: start "
+                    "esper-weatherlight-service here first (or set REDIS_URL, or the service's ESPER_VAR_DIR)"
+                ]
+            ) from None
 
     def consumer_name(self, prefix: str) -> str:
         """A consumer name unique to this process, so replicas split work instead of colliding."""
@@ -206,6 +259,17 @@ class EsperSettings(BaseSettings):
         return [(k, MASK if isinstance(v, SecretStr) else v) for k, v in super().__repr_args__()]
 
 
+def _secret_text(value: Any) -> str | None:
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    return value if isinstance(value, str) else None
+
+
+def _check_length(text: str, what: str) -> None:
+    if len(text.encode()) < MIN_SECRET_BYTES:
+        raise ValueError(f"{what} is shorter than {MIN_SECRET_BYTES} bytes; {_SECRET_HINT}")
+
+
 def _env_name(field: str) -> str:
     info = EsperSettings.model_fields.get(field)
     if info is not None and isinstance(info.validation_alias, AliasChoices):
@@ -225,7 +289,8 @@ def load_settings(*, require_secret: bool = False, **overrides: Any) -> EsperSet
         problems = []
         for err in exc.errors(include_input=False, include_url=False, include_context=False):
             field = str(err["loc"][0]) if err["loc"] else "settings"
-            problems.append(f"{_env_name(field)}: {err['msg']}")
+            message = str(err["msg"]).removeprefix("Value error, ")
+            problems.append(f"{_env_name(field)}: {message}")
         raise ConfigError(problems) from None
     if require_secret:
         settings.signing_secrets()

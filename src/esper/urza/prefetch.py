@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from esper.core.logs import get_logger
+from esper.core.untrusted import bounded
 from esper.core.worker import WorkerContext
 from esper.leyline import leyline_pb2
 from esper.oona import OonaClient, OonaMessage, Reply, Subscription
@@ -109,8 +110,8 @@ class UrzaPrefetchWorker:
             except UrzaError as exc:
                 _log.warning(
                     "urza.prefetch_error",
-                    request_id=request.request_id[:128],
-                    blueprint_id=blueprint_id[:128],
+                    request_id=bounded(request.request_id),
+                    blueprint_id=bounded(blueprint_id),
                     reason=exc.reason,
                 )
                 reply = self._error(request, exc.reason)

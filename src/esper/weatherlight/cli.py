@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
             "ESPER_VAR_DIR when REDIS_URL is unset), the Urza kernel library and prefetch worker, "
             "Kasmina's kernel warmer, Tamiyo, telemetry and housekeeping, with health probes on "
             "WEATHERLIGHT_HTTP_HOST:WEATHERLIGHT_HTTP_PORT (/livez, /readyz, /metrics, /status). "
-            "Configuration comes from the environment and .env; ESPER_LEYLINE_SECRET is required."
+            "Configuration comes from the environment and .env in the working directory; "
+            "ESPER_LEYLINE_SECRET is required (esper-config init writes .env with a fresh one)."
         ),
         epilog=(
             "Exit status: 0 clean shutdown; 1 worker failure, boot failure or shutdown deadline hit; "
