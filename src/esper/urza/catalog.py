@@ -4,8 +4,10 @@ One table, ``urza_kernels``, through SQLAlchemy 2 - a SQLite file by default
 (WAL journal, busy timeout and ``synchronous=NORMAL`` set on every
 connection, so several processes can share it) or PostgreSQL
 (``postgresql://`` is rewritten to the psycopg 3 driver). The schema is
-created at start; ``urza_schema_version`` records the version and missing
-columns are added (additive migration), so an older catalogue keeps working.
+created at start under a lock (a PostgreSQL advisory lock, SQLite's write
+lock), so any number of replicas may start at once against an empty database;
+``urza_schema_version`` records the version and missing columns are added
+(additive migration), so an older catalogue keeps working.
 Tiers are stored by enum *name* so the column stays readable; the numeric
 form is accepted when reading.
 """
@@ -15,7 +17,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
@@ -44,6 +47,10 @@ from esper.urza import artifact as fmt
 from esper.urza.records import UrzaRecord
 
 SCHEMA_VERSION = 1
+#: PostgreSQL advisory-lock key held while the schema is created or migrated.
+#: Advisory locks are per database, so one constant serialises every
+#: replica's schema step, whatever its search path.
+SCHEMA_LOCK_KEY = 0x5572_7A61_5363_6801
 
 _metadata = MetaData()
 kernels_table = Table(
@@ -98,10 +105,17 @@ def make_engine(url: str, *, busy_timeout_ms: int = 5000) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
-def ensure_schema(engine: Engine) -> None:
-    """Create the tables, add any missing column, record the schema version."""
-    _metadata.create_all(engine, checkfirst=True)
-    with engine.begin() as conn:
+def ensure_schema(engine: Engine, *, lock_timeout_ms: int = 60_000) -> None:
+    """Create the tables, add any missing column and record the schema version, under a lock.
+
+    Replicas starting together against an empty database would otherwise
+    race: both see no table, both create it, and one fails. The whole check,
+    creation and migration runs in one transaction that first takes the
+    database's lock (:func:`schema_transaction`), so the second replica finds
+    the finished schema.
+    """
+    with schema_transaction(engine, lock_timeout_ms=lock_timeout_ms) as conn:
+        _metadata.create_all(conn, checkfirst=True)
         existing = {c["name"] for c in inspect(conn).get_columns(kernels_table.name)}
         for column in kernels_table.columns:
             if column.name not in existing:  # additive migration: new nullable column
@@ -112,6 +126,38 @@ def ensure_schema(engine: Engine) -> None:
             conn.execute(version_table.insert().values(version=SCHEMA_VERSION))
         elif max(current) < SCHEMA_VERSION:  # pragma: no cover - first version
             conn.execute(version_table.update().values(version=SCHEMA_VERSION))
+
+
+@contextmanager
+def schema_transaction(engine: Engine, *, lock_timeout_ms: int = 60_000) -> Iterator[Connection]:
+    """One transaction holding the schema lock; commits on exit, rolls back on error.
+
+    PostgreSQL: ``pg_advisory_xact_lock(SCHEMA_LOCK_KEY)`` as the
+    transaction's first statement - the DDL that follows runs on the same
+    connection, and the lock goes with the commit, the rollback or a dropped
+    connection. ``lock_timeout`` bounds the wait, so a stuck peer yields an
+    error rather than a hung boot. SQLite: ``BEGIN IMMEDIATE`` takes the
+    file's write lock before the schema is read; others wait for it up to
+    the busy timeout. DDL is transactional in both.
+    """
+    if engine.dialect.name == "sqlite":
+        with engine.connect() as conn:
+            # The driver must not open transactions of its own: this one is BEGIN IMMEDIATE.
+            conn.execution_options(isolation_level="AUTOCOMMIT")
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                if conn.connection.driver_connection.in_transaction:  # type: ignore[union-attr]
+                    conn.exec_driver_sql("ROLLBACK")
+                raise
+            conn.exec_driver_sql("COMMIT")
+        return
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(text(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}"))
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+        yield conn
 
 
 def tier_name(tier: int) -> str:
