@@ -14,6 +14,7 @@ form is accepted when reading.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -111,10 +112,10 @@ def ensure_schema(engine: Engine, *, lock_timeout_ms: int = 60_000) -> None:
     Replicas starting together against an empty database would otherwise
     race: both see no table, both create it, and one fails. The whole check,
     creation and migration runs in one transaction that first takes the
-    database's lock (:func:`schema_transaction`), so the second replica finds
-    the finished schema.
+    database's lock (:func:`locked_transaction` on :data:`SCHEMA_LOCK_KEY`),
+    so the second replica finds the finished schema.
     """
-    with schema_transaction(engine, lock_timeout_ms=lock_timeout_ms) as conn:
+    with locked_transaction(engine, SCHEMA_LOCK_KEY, lock_timeout_ms=lock_timeout_ms) as conn:
         _metadata.create_all(conn, checkfirst=True)
         existing = {c["name"] for c in inspect(conn).get_columns(kernels_table.name)}
         for column in kernels_table.columns:
@@ -128,16 +129,22 @@ def ensure_schema(engine: Engine, *, lock_timeout_ms: int = 60_000) -> None:
             conn.execute(version_table.update().values(version=SCHEMA_VERSION))
 
 
-@contextmanager
-def schema_transaction(engine: Engine, *, lock_timeout_ms: int = 60_000) -> Iterator[Connection]:
-    """One transaction holding the schema lock; commits on exit, rolls back on error.
+def artifact_lock_key(blueprint_id: str) -> int:
+    """The advisory-lock key guarding one blueprint's files against a sweep (signed 64-bit)."""
+    digest = hashlib.sha256(f"urza-artifacts:{blueprint_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
 
-    PostgreSQL: ``pg_advisory_xact_lock(SCHEMA_LOCK_KEY)`` as the
-    transaction's first statement - the DDL that follows runs on the same
-    connection, and the lock goes with the commit, the rollback or a dropped
-    connection. ``lock_timeout`` bounds the wait, so a stuck peer yields an
-    error rather than a hung boot. SQLite: ``BEGIN IMMEDIATE`` takes the
-    file's write lock before the schema is read; others wait for it up to
+
+@contextmanager
+def locked_transaction(engine: Engine, key: int, *, lock_timeout_ms: int = 60_000) -> Iterator[Connection]:
+    """One transaction holding a database lock; commits on exit, rolls back on error.
+
+    PostgreSQL: ``pg_advisory_xact_lock(key)`` as the transaction's first
+    statement - the statements that follow run on the same connection, and
+    the lock goes with the commit, the rollback or a dropped connection.
+    ``lock_timeout`` bounds the wait, so a stuck peer yields an error rather
+    than a hung boot. SQLite: ``BEGIN IMMEDIATE`` takes the file's one write
+    lock (whatever ``key``) before anything is read; others wait for it up to
     the busy timeout. DDL is transactional in both.
     """
     if engine.dialect.name == "sqlite":
@@ -156,7 +163,7 @@ def schema_transaction(engine: Engine, *, lock_timeout_ms: int = 60_000) -> Iter
     with engine.begin() as conn:
         if engine.dialect.name == "postgresql":
             conn.execute(text(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}"))
-            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
         yield conn
 
 
