@@ -20,11 +20,11 @@ from pathlib import Path
 
 import _unit_sandbox
 import pytest
+from _infra_support import REPO, setting_names
 
 from esper.core.redis_server import free_port
 from esper.core.settings import EsperSettings
 
-REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "infra" / "esper-weatherlight.service"
 INSTALLED_SCRIPT = "/opt/esper-lite/.venv/bin/esper-weatherlight-service"
 MAX_EXPOSURE = 3.0
@@ -83,6 +83,10 @@ def test_unit_exposure_score_is_at_most_3() -> None:
     assert float(match.group(1)) <= MAX_EXPOSURE, output
 
 
+def test_unit_names_only_real_settings() -> None:
+    assert set(unit_environment()) <= setting_names(), set(unit_environment()) - setting_names()
+
+
 def test_restart_policy_and_limits() -> None:
     service = unit_settings()
     assert service["Type"] == ["notify"]
@@ -104,7 +108,13 @@ def test_state_paths_are_flat(isolated_env: Path, monkeypatch: pytest.MonkeyPatc
     assert Path(settings.var_dir) == state
     assert Path(settings.urza_artifact_dir) == state / "urza" / "artifacts"
     assert settings.urza_database_url == f"sqlite:///{state / 'urza' / 'catalog.db'}"
-    resolved = [str(settings.var_dir), str(settings.urza_artifact_dir), settings.urza_database_url]
+    assert Path(settings.tamiyo_policy_dir) == state / "tamiyo" / "policies"
+    resolved = [
+        str(settings.var_dir),
+        str(settings.urza_artifact_dir),
+        settings.urza_database_url,
+        str(settings.tamiyo_policy_dir),
+    ]
     assert not [p for p in resolved if f"{state}/var" in p], resolved
 
 
