@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sqlite3
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -97,13 +98,34 @@ def make_engine(url: str, *, busy_timeout_ms: int = 5000) -> Engine:
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
             cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+            _enable_wal(cur, busy_timeout_ms / 1000)
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
 
         return engine
     return create_engine(url, pool_pre_ping=True)
+
+
+def _enable_wal(cur: Any, timeout_s: float) -> None:
+    """Switch the file to WAL, waiting up to ``timeout_s`` for the exclusive lock it takes.
+
+    SQLite answers "database is locked" at once, without its busy handler,
+    when another connection holds a lock while a new file is converted - as
+    happens when replicas open one new catalogue together - so the wait is
+    done here. A file already in WAL mode needs no lock and returns at once.
+    """
+    deadline = time.monotonic() + timeout_s
+    delay = 0.002
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(delay)  # no event to wait on: the lock holder is another process
+        delay = min(delay * 2, 0.05)
 
 
 def ensure_schema(engine: Engine, *, lock_timeout_ms: int = 60_000) -> None:
