@@ -4,18 +4,23 @@ One table, ``urza_kernels``, through SQLAlchemy 2 - a SQLite file by default
 (WAL journal, busy timeout and ``synchronous=NORMAL`` set on every
 connection, so several processes can share it) or PostgreSQL
 (``postgresql://`` is rewritten to the psycopg 3 driver). The schema is
-created at start; ``urza_schema_version`` records the version and missing
-columns are added (additive migration), so an older catalogue keeps working.
+created at start under a lock (a PostgreSQL advisory lock, SQLite's write
+lock), so any number of replicas may start at once against an empty database;
+``urza_schema_version`` records the version and missing columns are added
+(additive migration), so an older catalogue keeps working.
 Tiers are stored by enum *name* so the column stays readable; the numeric
 form is accepted when reading.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import sqlite3
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
@@ -44,6 +49,10 @@ from esper.urza import artifact as fmt
 from esper.urza.records import UrzaRecord
 
 SCHEMA_VERSION = 1
+#: PostgreSQL advisory-lock key held while the schema is created or migrated.
+#: Advisory locks are per database, so one constant serialises every
+#: replica's schema step, whatever its search path.
+SCHEMA_LOCK_KEY = 0x5572_7A61_5363_6801
 
 _metadata = MetaData()
 kernels_table = Table(
@@ -89,8 +98,8 @@ def make_engine(url: str, *, busy_timeout_ms: int = 5000) -> Engine:
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
             cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+            _enable_wal(cur, busy_timeout_ms / 1000)
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
 
@@ -98,10 +107,38 @@ def make_engine(url: str, *, busy_timeout_ms: int = 5000) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
-def ensure_schema(engine: Engine) -> None:
-    """Create the tables, add any missing column, record the schema version."""
-    _metadata.create_all(engine, checkfirst=True)
-    with engine.begin() as conn:
+def _enable_wal(cur: Any, timeout_s: float) -> None:
+    """Switch the file to WAL, waiting up to ``timeout_s`` for the exclusive lock it takes.
+
+    SQLite answers "database is locked" at once, without its busy handler,
+    when another connection holds a lock while a new file is converted - as
+    happens when replicas open one new catalogue together - so the wait is
+    done here. A file already in WAL mode needs no lock and returns at once.
+    """
+    deadline = time.monotonic() + timeout_s
+    delay = 0.002
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(delay)  # no event to wait on: the lock holder is another process
+        delay = min(delay * 2, 0.05)
+
+
+def ensure_schema(engine: Engine, *, lock_timeout_ms: int = 60_000) -> None:
+    """Create the tables, add any missing column and record the schema version, under a lock.
+
+    Replicas starting together against an empty database would otherwise
+    race: both see no table, both create it, and one fails. The whole check,
+    creation and migration runs in one transaction that first takes the
+    database's lock (:func:`locked_transaction` on :data:`SCHEMA_LOCK_KEY`),
+    so the second replica finds the finished schema.
+    """
+    with locked_transaction(engine, SCHEMA_LOCK_KEY, lock_timeout_ms=lock_timeout_ms) as conn:
+        _metadata.create_all(conn, checkfirst=True)
         existing = {c["name"] for c in inspect(conn).get_columns(kernels_table.name)}
         for column in kernels_table.columns:
             if column.name not in existing:  # additive migration: new nullable column
@@ -112,6 +149,44 @@ def ensure_schema(engine: Engine) -> None:
             conn.execute(version_table.insert().values(version=SCHEMA_VERSION))
         elif max(current) < SCHEMA_VERSION:  # pragma: no cover - first version
             conn.execute(version_table.update().values(version=SCHEMA_VERSION))
+
+
+def artifact_lock_key(blueprint_id: str) -> int:
+    """The advisory-lock key guarding one blueprint's files against a sweep (signed 64-bit)."""
+    digest = hashlib.sha256(f"urza-artifacts:{blueprint_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+@contextmanager
+def locked_transaction(engine: Engine, key: int, *, lock_timeout_ms: int = 60_000) -> Iterator[Connection]:
+    """One transaction holding a database lock; commits on exit, rolls back on error.
+
+    PostgreSQL: ``pg_advisory_xact_lock(key)`` as the transaction's first
+    statement - the statements that follow run on the same connection, and
+    the lock goes with the commit, the rollback or a dropped connection.
+    ``lock_timeout`` bounds the wait, so a stuck peer yields an error rather
+    than a hung boot. SQLite: ``BEGIN IMMEDIATE`` takes the file's one write
+    lock (whatever ``key``) before anything is read; others wait for it up to
+    the busy timeout. DDL is transactional in both.
+    """
+    if engine.dialect.name == "sqlite":
+        with engine.connect() as conn:
+            # The driver must not open transactions of its own: this one is BEGIN IMMEDIATE.
+            conn.execution_options(isolation_level="AUTOCOMMIT")
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                if conn.connection.driver_connection.in_transaction:  # type: ignore[union-attr]
+                    conn.exec_driver_sql("ROLLBACK")
+                raise
+            conn.exec_driver_sql("COMMIT")
+        return
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(text(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}"))
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+        yield conn
 
 
 def tier_name(tier: int) -> str:

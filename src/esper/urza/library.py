@@ -16,6 +16,13 @@ the previous row untouched - never a row without its file. Orphans and stale
 temp files older than a grace period are removed by :meth:`maintenance`
 (:mod:`esper.urza.maintenance`, also run at start). Rows whose file vanished
 are *reported*, never deleted; loading them raises ``ArtifactNotFound``.
+
+Replicas may share the artifact dir (and must then share the catalogue):
+an existing file is never rewritten (paths are content addressed, so a save
+of bytes already there leaves the file as it is), and a file is removed only
+after a re-check, under the blueprint's database lock, that no row names it;
+``save`` checks under that lock that its file still exists before committing
+the row, writing it again if a peer's sweep removed it.
 Nothing ever expires rows or files: the TTL only evicts entries from the
 in-memory kernel cache.
 
@@ -66,7 +73,7 @@ from esper.urza.errors import (
     UrzaError,
 )
 from esper.urza.loader import ArtifactLoader
-from esper.urza.maintenance import sweep
+from esper.urza.maintenance import remove_if_unreferenced, sweep
 from esper.urza.metrics import LibraryMetrics
 from esper.urza.records import ArtifactInfo, MaintenanceReport, UrzaRecord
 
@@ -250,9 +257,7 @@ class UrzaLibrary:
         del module
         rel = fmt.relative_path(bid, checksum)
         dest = self.root / rel
-        if not (dest.exists() and src.resolve() == dest.resolve()):
-            fmt.write_atomic(dest, blob)
-        st = dest.stat()
+        self._store_file(dest, blob, checksum)
 
         previous = self.get(bid)
         samples = [float(s) for s in prewarm_samples] if prewarm_samples is not None else []
@@ -267,16 +272,21 @@ class UrzaLibrary:
                 compile_ms = previous.compile_ms
             else:
                 compile_ms = 0.0
-        row = catalog.row_for_save(
-            descriptor,
-            manifest,
-            artifact_path=rel,
-            checksum=checksum,
-            compile_ms=compile_ms,
-            prewarm_samples=samples[-self._max_prewarm :],
-            st=st,
-        )
-        with self._engine.begin() as conn:
+        # The blueprint's lock keeps a peer's sweep from removing the file between this
+        # check and the commit of the row that names it (see esper.urza.maintenance).
+        with catalog.locked_transaction(self._engine, catalog.artifact_lock_key(bid)) as conn:
+            if not dest.is_file():  # removed by a peer's sweep before the row existed
+                fmt.write_atomic(dest, blob)
+            st = dest.stat()
+            row = catalog.row_for_save(
+                descriptor,
+                manifest,
+                artifact_path=rel,
+                checksum=checksum,
+                compile_ms=compile_ms,
+                prewarm_samples=samples[-self._max_prewarm :],
+                st=st,
+            )
             old_path = catalog.artifact_path_of(conn, bid)
             self._write_row(conn, row)
         self._verified.remember(str(dest), stat_key(st), checksum)
@@ -286,20 +296,31 @@ class UrzaLibrary:
         assert record is not None
         return record
 
+    def _store_file(self, dest: Path, blob: bytes, checksum: str) -> None:
+        """Write the artifact unless its bytes are already there.
+
+        Paths are content addressed, so an existing file with the right hash
+        is the artifact: it is left as it is (same inode, same mtime) rather
+        than replaced under a replica that may be reading it. A file with
+        other bytes at that path is damaged and is replaced atomically.
+        """
+        try:
+            if dest.stat().st_size == len(blob) and fmt.sha256_hex(dest.read_bytes()) == checksum:
+                return
+        except FileNotFoundError:
+            pass
+        fmt.write_atomic(dest, blob)
+
     def _write_row(self, conn: Connection, row: Mapping[str, Any]) -> None:
         """Upsert one row (inside the caller's transaction); a seam tests use to simulate a crash."""
         catalog.upsert_row(conn, row)
 
     def _remove_unreferenced(self, rel: str) -> None:
-        with self._engine.connect() as conn:
-            still = conn.execute(
-                select(kernels_table.c.blueprint_id).where(kernels_table.c.artifact_path == rel)
-            ).first()
-        if still is None:
-            try:
-                (self.root / fmt.ref_to_relative(rel)).unlink(missing_ok=True)
-            except (OSError, UrzaError) as exc:
-                log.warning("urza could not remove superseded artifact", path=rel, error=str(exc))
+        """Remove a superseded or deleted artifact once no row names it (under the blueprint's lock)."""
+        try:
+            remove_if_unreferenced(self.root, self._engine, rel)
+        except (OSError, UrzaError, SQLAlchemyError) as exc:
+            log.warning("urza could not remove superseded artifact", path=rel, error=str(exc))
 
     def delete(self, blueprint_id: str) -> bool:
         """Remove the row, then its file (a crash in between leaves an orphan file, never a dangling row)."""
