@@ -154,6 +154,8 @@ class BroadcastReader:
             )
             if isinstance(outcome, Rejection):
                 metrics.on_rejected(self.stream, outcome.reason.value)
+                if outcome.reason is RejectReason.BAD_SIGNATURE:
+                    self.link.signature_hint.bad_signature(self.stream)
                 _log.warning(
                     "oona.broadcast_rejected",
                     stream=self.stream,

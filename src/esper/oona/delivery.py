@@ -102,6 +102,8 @@ class Dispatcher:
         )
         if isinstance(outcome, Rejection):
             metrics.on_rejected(self.stream, outcome.reason.value)
+            if outcome.reason is RejectReason.BAD_SIGNATURE:
+                self.link.signature_hint.bad_signature(self.stream)
             return self.dead_letter(entry_id, fields, outcome.reason, outcome.detail)
         if outcome.target_group is not None and outcome.target_group != self.group:
             return Ack(entry_id)  # a dead letter handed back to another group

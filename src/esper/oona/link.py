@@ -21,10 +21,13 @@ from redis.exceptions import ReadOnlyError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from esper.core.breaker import CircuitBreaker
+from esper.core.logs import get_logger
 from esper.oona.config import StreamConfig
 from esper.oona.keys import KeySpace
 from esper.oona.metrics import OonaMetrics
 from esper.security.signing import KeyRing
+
+_log = get_logger("esper.oona")
 
 #: Errors that mean "the server is unreachable, restarting or no longer the primary": wait, then go on.
 TRANSIENT: tuple[type[BaseException], ...] = (
@@ -80,6 +83,37 @@ class HealthBoard:
         return found
 
 
+class SignatureHint:
+    """One clear, rate-limited hint when entries keep failing their signature check.
+
+    Many ``bad_signature`` rejections in a row almost always mean the
+    publisher and this reader were configured with different secrets (e.g. a
+    service restarted with a freshly generated one while old entries remain
+    on the streams). Each rejection is still dead-lettered and counted; this
+    only says, at most once per ``every_s``, what to check.
+    """
+
+    def __init__(self, every_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every_s = every_s
+        self._clock = clock
+        self._last: float | None = None
+        self.unexplained = 0
+
+    def bad_signature(self, stream: str) -> None:
+        self.unexplained += 1
+        now = self._clock()
+        if self._last is not None and now - self._last < self.every_s:
+            return
+        self._last = now
+        _log.warning(
+            "oona.signed_with_another_secret",
+            hint="entries are signed with another secret: does ESPER_LEYLINE_SECRET match the publisher's?",
+            stream=stream,
+            rejected_since_last_hint=self.unexplained,
+        )
+        self.unexplained = 0
+
+
 @dataclass
 class Link:
     redis: aioredis.Redis
@@ -90,3 +124,4 @@ class Link:
     consume_breaker: CircuitBreaker
     keys: KeySpace = field(default_factory=KeySpace)
     health: HealthBoard = field(default_factory=HealthBoard)
+    signature_hint: SignatureHint = field(default_factory=SignatureHint)
