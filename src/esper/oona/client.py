@@ -20,7 +20,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
-from redis.exceptions import ResponseError
+from redis.exceptions import ReadOnlyError, ResponseError
 
 from esper.core.breaker import OPEN, CircuitBreaker
 from esper.core.errors import ConfigError
@@ -341,9 +341,14 @@ class OonaClient:
         try:
             async with asyncio.timeout(timeout_s):
                 await self.link.redis.set(key, b"1", px=5_000)
+        except ReadOnlyError:
+            return "read-only (a replica): writes are refused"
+        except ResponseError as exc:
+            word = str(exc).split(" ", 1)[0] or type(exc).__name__
+            return f"refuses writes ({word})"
         except REDIS_FAILURES as exc:
             honour_cancellation()
-            return f"{type(exc).__name__}: {exc}"[:200]
+            return f"unreachable ({type(exc).__name__})"
         return None
 
     def metrics_snapshot(self) -> dict[str, float]:

@@ -18,13 +18,9 @@ probes and the bus's own view of its paths into one :class:`Health`:
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
-
-from redis.asyncio import Redis
-from redis.exceptions import ReadOnlyError, RedisError, ResponseError
 
 from esper.core.breaker import OPEN
 from esper.leyline import leyline_pb2
@@ -35,8 +31,6 @@ HealthStatus: TypeAlias = leyline_pb2.HealthStatus.ValueType
 HEALTHY: HealthStatus = leyline_pb2.HEALTH_STATUS_HEALTHY
 DEGRADED: HealthStatus = leyline_pb2.HEALTH_STATUS_DEGRADED
 UNHEALTHY: HealthStatus = leyline_pb2.HEALTH_STATUS_UNHEALTHY
-#: The key the Redis write probe sets (short-lived; its value is the writer's pid).
-PROBE_KEY = "weatherlight.readyz"
 PROBE_TIMEOUT_S = 1.0
 
 
@@ -126,20 +120,12 @@ def bus_problems(clients: Mapping[str, OonaClient]) -> list[str]:
     return [problem for _role, client in sorted(clients.items()) for problem in client.problems()]
 
 
-async def probe_redis(redis: Redis | None) -> Check:
-    """A real write (``SET`` with a short expiry): the bus works only if Redis accepts writes."""
-    if redis is None:
+async def probe_redis(client: OonaClient | None) -> Check:
+    """A real write through the bus's client: the bus works only if Redis accepts writes."""
+    if client is None:
         return Check("redis", False, "not connected yet")
-    try:
-        await asyncio.wait_for(redis.set(PROBE_KEY, str(os.getpid()), px=30_000), PROBE_TIMEOUT_S)
-    except ReadOnlyError:
-        return Check("redis", False, "read-only (a replica): writes are refused")
-    except ResponseError as exc:
-        word = str(exc).split(" ", 1)[0] or type(exc).__name__
-        return Check("redis", False, f"refuses writes ({word})")
-    except (RedisError, OSError, TimeoutError) as exc:
-        return Check("redis", False, f"unreachable ({type(exc).__name__})")
-    return Check("redis", True)
+    problem = await client.probe(PROBE_TIMEOUT_S)
+    return Check("redis", problem is None, problem or "ok")
 
 
 async def probe_catalog(library: UrzaLibrary | None) -> Check:

@@ -413,7 +413,7 @@ class WeatherlightService:
         """The one verdict for ``/readyz``, telemetry and the systemd watchdog (see ``health.py``)."""
         service = self.clients.get("service")
         redis, catalog = await asyncio.gather(
-            probe_redis(service.redis if service is not None else None), probe_catalog(self.library)
+            probe_redis(service), probe_catalog(self.library)
         )
         health = judge(
             self.supervisor.snapshot(),
