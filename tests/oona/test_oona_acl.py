@@ -97,7 +97,7 @@ async def test_a_trainer_cannot_tamper_with_groups_or_replay_keys(acl_server: Re
             ("SET", "oona:replay:tamiyo:n:abc", "x"),
             ("XACK", NORMAL, "tamiyo", "1-0"),
         ):
-            with pytest.raises(aioredis.ResponseError, match="(?i)no permissions"):
+            with pytest.raises(aioredis.ResponseError, match=r"(?i)no permissions"):
                 await trainer.execute_command(*forbidden)
     finally:
         await trainer.aclose()
