@@ -99,26 +99,32 @@ for i = 1, count do
     local rk, ref, nreplies = tonumber(ARGV[n]), ARGV[n + 1], tonumber(ARGV[n + 2])
     local first = n + 3
     n = first + 4 * nreplies
-    if not owned(id) then
-      status = 'lost'
-    else
-      local previous = false
-      if rk > 0 then
-        previous = redis.call('SET', KEYS[rk], ref, 'NX', 'GET', 'PX', ttl)
-      end
-      -- Any earlier claim is a copy: the claim commits with the ack, so the same entry cannot
-      -- have claimed it before, unless it was deleted and re-added at its original id.
-      if previous then
-        replayed(id)
-        status = 'replay'
-      else
-        for r = 0, nreplies - 1 do
-          local at = first + 4 * r
-          add(KEYS[tonumber(ARGV[at])], cap, {'payload', ARGV[at + 1], 'signature', ARGV[at + 2],
-                                              'kid', ARGV[at + 3]})
-        end
+    local previous = false
+    if rk > 0 then
+      previous = redis.call('SET', KEYS[rk], ref, 'NX', 'GET', 'PX', ttl)
+    elseif not owned(id) then
+      previous = 'not ours'
+    end
+    if not previous then
+      -- The first claim of this message: publish its replies and acknowledge it. (Should another
+      -- consumer have taken the entry over meanwhile, its own commit finds this claim and
+      -- publishes nothing.) The common case needs no ownership check.
+      for r = 0, nreplies - 1 do
+        local at = first + 4 * r
+        add(KEYS[tonumber(ARGV[at])], cap, {'payload', ARGV[at + 1], 'signature', ARGV[at + 2],
+                                            'kid', ARGV[at + 3]})
       end
       redis.call('XACK', stream, group, id)
+    elseif not owned(id) then
+      -- Claimed before and no longer pending for us: our own commit already went through (this is
+      -- a retry after a lost reply), or another consumer has the entry now.
+      status = 'lost'
+    else
+      -- Claimed before by another entry, or by this one before it was deleted and re-added at its
+      -- original id: a copy. Dead-letter it, publish nothing.
+      replayed(id)
+      redis.call('XACK', stream, group, id)
+      status = 'replay'
     end
   end
   out[i] = status
