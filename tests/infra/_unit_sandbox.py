@@ -39,7 +39,8 @@ state="$1"; shift
 mount -t tmpfs -o mode=0755 sandbox-var-lib /var/lib
 mkdir /var/lib/esper
 mount --bind "$state" /var/lib/esper
-# Paths that must stay readable although they live under a home directory.
+# Paths that must stay readable although the sandbox hides where they live (a home directory,
+# or /tmp when the checkout is there): held aside, then put back over the fresh mounts.
 hold=/var/lib/.hold
 i=0
 for keep in $SANDBOX_KEEP; do
@@ -48,20 +49,20 @@ for keep in $SANDBOX_KEEP; do
 done
 mount -t tmpfs -o mode=0755 sandbox-home /home
 mount -t tmpfs -o mode=0755 sandbox-root /root
+mount -t tmpfs -o mode=1777 sandbox-tmp /tmp
+mount -t tmpfs -o mode=1777 sandbox-var-tmp /var/tmp
 i=0
 for keep in $SANDBOX_KEEP; do
   mkdir -p "$keep" && mount --move "$hold/$i" "$keep"
   i=$((i + 1))
 done
-# Everything read-only except the state directory.
+# Everything read-only except the state directory and the private /tmp and /var/tmp.
 awk '{print $2}' /proc/self/mounts | sort -u | while read -r m; do
   case "$m" in
-    /var/lib/esper|/proc|/proc/*|/dev|/dev/*) ;;
+    /var/lib/esper|/tmp|/var/tmp|/proc|/proc/*|/dev|/dev/*) ;;
     *) mount -o remount,bind,ro "$m" 2>/dev/null || true ;;
   esac
 done
-mount -t tmpfs -o mode=1777 sandbox-tmp /tmp
-mount -t tmpfs -o mode=1777 sandbox-var-tmp /var/tmp
 mount -t proc -o hidepid=invisible,subset=pid proc /proc
 exec setpriv --reuid=$SANDBOX_UID --regid=$SANDBOX_UID --clear-groups \
   --inh-caps=-all --bounding-set=-all --no-new-privs -- "$@"
@@ -102,15 +103,16 @@ def unavailable() -> str | None:
     return None
 
 
-def _under_home(path: Path) -> bool:
-    return path.parts[1:2] in (("root",), ("home",))
+def _hidden_by_sandbox(path: Path) -> bool:
+    """Whether the sandbox mounts something over the place ``path`` lives in."""
+    return path.parts[1:2] in (("root",), ("home",), ("tmp",)) or path.parts[1:3] == ("var", "tmp")
 
 
 def sandboxed(argv: list[str], state: Path, keep: list[Path]) -> tuple[list[str], dict[str, str]]:
     """The command and extra environment that run ``argv`` in the sandbox, state at /var/lib/esper."""
     state.chmod(0o700)
     os.chown(state, NOBODY, NOBODY)
-    kept = sorted({str(p.resolve()) for p in keep if _under_home(p.resolve())})
+    kept = sorted({str(p.resolve()) for p in keep if _hidden_by_sandbox(p.resolve())})
     command = [
         "unshare",
         "--mount",
