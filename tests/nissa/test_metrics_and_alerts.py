@@ -217,3 +217,11 @@ def test_series_and_replicas_are_tracked_independently() -> None:
     # Another replica's healthy value does not clear the first replica's alert.
     engine.observe("weatherlight", [("weatherlight.worker.a.restarts", 0)], "weatherlight-2")
     assert [(a.instance, a.metric) for a in engine.active()] == [("", "weatherlight.worker.a.restarts")]
+
+
+def test_entries_trimmed_unread_raise_the_default_critical_alert() -> None:
+    engine = AlertEngine()  # the default rules
+    assert engine.observe("oona", [("oona.trimmed_unread.total", 0.0)], "weatherlight-0") == []
+    [alert] = engine.observe("oona", [("oona.trimmed_unread.total", 12.0)], "weatherlight-0")
+    assert alert.rule == "oona_trimmed_unread"
+    assert alert.severity == "critical"

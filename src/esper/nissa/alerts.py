@@ -61,6 +61,14 @@ DEFAULT_RULES: tuple[AlertRule, ...] = (
         summary="messages were rejected to the dead letter stream",
     ),
     AlertRule(
+        "oona_trimmed_unread",
+        "oona.trimmed_unread.total",
+        threshold=0.0,
+        for_count=1,
+        severity="critical",
+        summary="entries were trimmed before a consumer group had read them",
+    ),
+    AlertRule(
         "weatherlight_worker_restarts",
         "weatherlight.worker.*.restarts",
         threshold=3.0,
