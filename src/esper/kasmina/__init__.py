@@ -24,9 +24,9 @@ first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from esper.core.lazy import lazy_exports
 from esper.kasmina.blending import AlphaSchedule
 from esper.kasmina.gates import GateInputs, GateResult, evaluate_gate
 from esper.kasmina.lifecycle import ALLOWED_TRANSITIONS, IllegalTransition, SeedLifecycle
@@ -61,18 +61,6 @@ _TORCH_BACKED = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _TORCH_BACKED.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
-
 
 __all__ = [
     "ALLOWED_TRANSITIONS",
@@ -99,3 +87,5 @@ __all__ = [
     "add_seed_slots",
     "evaluate_gate",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, _TORCH_BACKED, __all__)

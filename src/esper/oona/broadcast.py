@@ -22,7 +22,6 @@ from redis.exceptions import ResponseError
 
 from esper.core.logs import get_logger
 from esper.core.worker import WorkerContext, unwrap
-from esper.oona import envelope
 from esper.oona.blocking import BlockingRead
 from esper.oona.delivery import has_deferred
 from esper.oona.envelope import Accepted, Rejection
@@ -54,6 +53,7 @@ class BroadcastReader:
         self.handler = handler
         self.types = frozenset(int(t) for t in types)
         self.ignore_types = frozenset(int(t) for t in ignore_types) - self.types
+        self._expected = self.types | self.ignore_types
         self.batch = max(1, batch)
         #: The id after which the next read starts; a new reader given it resumes where this one was.
         self.last_id = start_id
@@ -131,7 +131,6 @@ class BroadcastReader:
 
     async def _process(self, ctx: WorkerContext, entries: list[tuple[str, Any]]) -> None:
         link, metrics = self.link, self.link.metrics
-        c = link.config
         accepted: list[Accepted] = []
         for entry_id, fields in entries:
             if fields is None:
@@ -142,20 +141,8 @@ class BroadcastReader:
                 if fields is None or has_deferred(fields):
                     metrics.on_rejected(self.stream, RejectReason.OVERSIZED.value)
                     continue
-            outcome = envelope.verify_entry(
-                link.keyring,
-                self.stream,
-                entry_id,
-                fields,
-                expected_types=self.types | self.ignore_types,
-                now=envelope.now_ms(),
-                freshness_window_ms=c.freshness_window_ms,
-                max_payload_bytes=c.max_payload_bytes,
-            )
+            outcome = link.verify(self.stream, entry_id, fields, self._expected)
             if isinstance(outcome, Rejection):
-                metrics.on_rejected(self.stream, outcome.reason.value)
-                if outcome.reason is RejectReason.BAD_SIGNATURE:
-                    self.link.signature_hint.bad_signature(self.stream)
                 _log.warning(
                     "oona.broadcast_rejected",
                     stream=self.stream,

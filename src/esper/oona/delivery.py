@@ -89,21 +89,9 @@ class Dispatcher:
         """Everything decided without the handler: a commit item, or the message to handle."""
         if fields is None:  # deleted while pending: nothing left to do
             return Ack(entry_id)
-        c, metrics = self.link.config, self.link.metrics
-        outcome = envelope.verify_entry(
-            self.link.keyring,
-            self.stream,
-            entry_id,
-            fields,
-            expected_types=self._expected,
-            now=envelope.now_ms(),
-            freshness_window_ms=c.freshness_window_ms,
-            max_payload_bytes=c.max_payload_bytes,
-        )
+        metrics = self.link.metrics
+        outcome = self.link.verify(self.stream, entry_id, fields, self._expected)
         if isinstance(outcome, Rejection):
-            metrics.on_rejected(self.stream, outcome.reason.value)
-            if outcome.reason is RejectReason.BAD_SIGNATURE:
-                self.link.signature_hint.bad_signature(self.stream)
             return self.dead_letter(entry_id, fields, outcome.reason, outcome.detail)
         if outcome.target_group is not None and outcome.target_group != self.group:
             return Ack(entry_id)  # a dead letter handed back to another group

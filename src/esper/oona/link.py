@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
@@ -23,7 +23,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from esper.core.breaker import CircuitBreaker
 from esper.core.logs import get_logger
 from esper.oona.config import StreamConfig
+from esper.oona.envelope import Accepted, Rejection, now_ms, verify_entry
 from esper.oona.keys import KeySpace
+from esper.oona.messages import RejectReason
 from esper.oona.metrics import OonaMetrics
 from esper.security.signing import KeyRing
 
@@ -125,3 +127,24 @@ class Link:
     keys: KeySpace = field(default_factory=KeySpace)
     health: HealthBoard = field(default_factory=HealthBoard)
     signature_hint: SignatureHint = field(default_factory=SignatureHint)
+
+    def verify(
+        self, stream: str, entry_id: str, fields: Mapping[bytes, bytes], expected_types: frozenset[int]
+    ) -> Accepted | Rejection:
+        """Every check of a consumed entry that needs no Redis, against this reader's clock now."""
+        c = self.config
+        outcome = verify_entry(
+            self.keyring,
+            stream,
+            entry_id,
+            fields,
+            expected_types=expected_types,
+            now=now_ms(),
+            freshness_window_ms=c.freshness_window_ms,
+            max_payload_bytes=c.max_payload_bytes,
+        )
+        if isinstance(outcome, Rejection):
+            self.metrics.on_rejected(stream, outcome.reason.value)
+            if outcome.reason is RejectReason.BAD_SIGNATURE:
+                self.signature_hint.bad_signature(stream)
+        return outcome

@@ -11,9 +11,9 @@ use, as are ``UrzaLibrary.load`` / ``save`` when called.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from esper.core.lazy import lazy_exports
 from esper.urza.artifact import (
     FORMAT,
     Manifest,
@@ -51,18 +51,6 @@ _TORCH_BACKED = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _TORCH_BACKED.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
-
 
 __all__ = [
     "FAMILIES",
@@ -91,3 +79,5 @@ __all__ = [
     "serialize",
     "write_atomic",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, _TORCH_BACKED, __all__)
