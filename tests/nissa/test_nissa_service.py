@@ -17,7 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 from security._service import BIN, Service, clean_env, run
 
-from esper.core import TelemetryMetric, build_telemetry_packet
+from esper.core import TelemetryMetric, build_telemetry_packet, configure_logging
 from esper.core.redis_server import free_port
 from esper.core.worker import running
 from esper.leyline import leyline_pb2
@@ -342,3 +342,22 @@ def test_cli_started_beside_the_service_finds_its_embedded_server_and_secret(tmp
             nissa.kill()
             nissa.wait()
         assert service.stop() == 0, service.output
+
+
+async def test_a_hostile_source_is_logged_short_and_escaped_when_its_alert_fires(
+    nissa: Running, capsys: pytest.CaptureFixture[str]
+) -> None:
+    configure_logging("INFO", "json")
+    source = 'tolaria\n{"event": "forged"}' + "x" * 5000
+    for n in (1, 2, 3):  # training_latency_high fires on the third consecutive breach
+        packet = build_telemetry_packet(
+            source=source, metrics=[TelemetryMetric("tolaria.training.latency_ms", 30_000)]
+        )
+        assert await nissa.publisher.publish_telemetry(packet)
+        await nissa.seen.wait_for(n)
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    assert not any(line["event"] == "forged" for line in lines)
+    [fired] = [line for line in lines if line["event"] == "nissa.alert_firing"]
+    assert fired["source"].startswith("tolaria\\x0a{")
+    assert fired["source"].endswith(f"...[{len(source)} chars]")
+    assert len(fired["source"]) < 120
