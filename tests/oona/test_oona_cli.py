@@ -184,6 +184,29 @@ async def test_dlq_list_pages_through_more_entries_than_one_reply_may_hold(
     assert [row["source_id"] for row in rows] == [f"{i}-0" for i in range(1499, 299, -1)]
 
 
+async def test_hostile_dead_letter_fields_are_shown_bounded_and_escaped(
+    cli_env: str, redis_client: aioredis.Redis, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fields = {
+        b"reason": b"unsigned\n{forged}",
+        b"group": b"g" * 100_000,
+        b"detail": b"d" * 100_000,
+        b"payload_bytes": b"12",
+        b"payload": envelope_bytes(**{"k" * 5000: "v" * 50_000}),
+    }
+    letter = (await redis_client.xadd(DLQ, fields)).decode()  # type: ignore[arg-type]
+    code, [listed], _err = await cli(capsys, "dlq", "list")
+    assert code == 0
+    assert listed["reason"] == "unsigned\\x0a{forged}"
+    assert listed["group"].endswith("...[100000 bytes]")
+    assert len(listed["group"]) < 200
+    assert len(listed["detail"]) < 1100
+    code, [shown], _err = await cli(capsys, "dlq", "show", letter)
+    assert code == 0
+    [(name, value)] = [item for item in shown["attributes"].items() if item[0].startswith("k")]
+    assert (len(name) < 200, len(value) < 1100) == (True, True)
+
+
 def one_line(text: str) -> str:
     lines = text.strip().splitlines()
     assert len(lines) == 1, text

@@ -102,8 +102,9 @@ def _summary(entry_id: Any, fields: dict[bytes, bytes], *, full: bool) -> dict[s
         payload = None
     elif payload is not None:
         out["payload_bytes"] = len(payload)
-    elif b"payload_bytes" in fields:
-        out["payload_bytes"] = _text(fields[b"payload_bytes"])
+    elif b"payload_bytes" in fields:  # an oversized entry dead-lettered by digest
+        size = fields[b"payload_bytes"]
+        out["payload_bytes"] = int(size) if size.isdigit() and len(size) <= 20 else _text(size)
     if full and payload is not None:
         env = leyline_pb2.BusEnvelope()
         try:
