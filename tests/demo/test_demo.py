@@ -7,6 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import redis
+from dotenv import dotenv_values
+
+from esper.core.redis_server import RedisServer, embedded_options
+from esper.security import KeyRing
+
 
 def run_demo(tmp_path: Path, *args: str, **env_extra: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
@@ -46,6 +52,7 @@ def test_short_demo_grafts_a_bus_fetched_kernel_and_compares_three_runs(
     result = run_demo(tmp_path, "--epochs", "3", "--limit", "500")
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
+    assert "no ESPER_LEYLINE_SECRET set: using a one-off secret for this demo run" in out
     lines = out.splitlines()
     grafts = next(line for line in lines if line.startswith("grafts: "))
     assert grafts != "grafts: none"
@@ -94,12 +101,37 @@ def test_one_epoch_is_refused_with_the_reason(tmp_path: Path, isolated_env: Path
 
 
 def test_a_run_without_a_graft_says_why_and_exits_3(tmp_path: Path, isolated_env: Path) -> None:
+    # The demo signs with the secret that esper-config init wrote to .env, shared with every tool here.
+    init = subprocess.run(
+        [str(Path(sys.executable).with_name("esper-config")), "init"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+        check=False,
+    )
+    assert init.returncode == 0, init.stderr
+    secret = str(dotenv_values(tmp_path / ".env")["ESPER_LEYLINE_SECRET"])
     # In conservative mode the platform's Tamiyo pauses instead of germinating.
     result = run_demo(
         tmp_path, "--epochs", "2", "--limit", "300", "--no-nissa", TAMIYO_CONSERVATIVE_MODE="true"
     )
     out = result.stdout
     assert result.returncode == 3, out + result.stderr
+    assert "one-off secret" not in out
+    assert secret not in out + result.stderr
+    server = RedisServer(embedded_options(tmp_path / "demo" / "var"))  # the demo's bus, kept on disk
+    server.start()
+    try:
+        client = redis.Redis.from_url(server.url)
+        entries = client.xrange("oona.telemetry", count=20)
+        client.close()
+    finally:
+        server.stop()
+    assert entries
+    keys = KeyRing(secret.encode())
+    for _entry_id, fields in entries:
+        assert keys.verify(fields[b"payload"], fields[b"signature"], fields[b"kid"].decode())
     lines = out.splitlines()
     assert "grafts: none" in lines
     reason = next(line for line in lines if line.startswith("no seed was grafted: "))

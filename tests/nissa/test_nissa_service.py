@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -14,8 +15,10 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from security._service import BIN, Service, clean_env, run
 
-from esper.core import TelemetryMetric, build_telemetry_packet
+from esper.core import TelemetryMetric, build_telemetry_packet, configure_logging
+from esper.core.redis_server import free_port
 from esper.core.worker import running
 from esper.leyline import leyline_pb2
 from esper.nissa import NISSA_GROUP, NissaService
@@ -265,7 +268,6 @@ def test_cli_help_and_config_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 def test_cli_serves_and_stops_on_sigterm(redis_url: str, tmp_path: Path) -> None:
-    import signal
     import socket
     import urllib.request
 
@@ -299,3 +301,63 @@ def test_cli_serves_and_stops_on_sigterm(redis_url: str, tmp_path: Path) -> None
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_cli_started_beside_the_service_finds_its_embedded_server_and_secret(tmp_path: Path) -> None:
+    """The README's way: `esper-config init`, the service, then Nissa from the same directory, no settings."""
+    env = clean_env()
+    assert run("esper-config", "init", env=env, cwd=tmp_path).returncode == 0
+    service = Service(env, tmp_path)
+    nissa: subprocess.Popen[str] | None = None
+    try:
+        service.wait_booted()
+        nissa = subprocess.Popen(
+            [str(BIN / "esper-nissa-service")],
+            env={**env, "NISSA_HTTP_PORT": str(free_port()), "ESP_LOG_FORMAT": "json"},
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        assert nissa.stdout is not None
+        output = []
+        for line in nissa.stdout:  # block on the process's own log, no sleeping
+            output.append(line)
+            if "nissa ready" in line:
+                break
+        else:
+            pytest.fail(f"nissa exited ({nissa.wait()}) before becoming ready:\n{''.join(output)}")
+        # Its consumer group is on the service's own server.
+        streams = run("esper-oona", "streams", env=env, cwd=tmp_path)
+        groups = {row["stream"]: row["groups"] for row in map(json.loads, streams.stdout.splitlines())}
+        assert "nissa" in groups["oona.telemetry"], streams.stdout
+        nissa.send_signal(signal.SIGTERM)
+        rest, _ = nissa.communicate(timeout=15)
+        output.append(rest)
+        assert nissa.returncode == 0, "".join(output)
+        password = (tmp_path / "var" / "redis" / "password").read_text().strip()
+        assert password not in "".join(output)
+    finally:
+        if nissa is not None and nissa.poll() is None:
+            nissa.kill()
+            nissa.wait()
+        assert service.stop() == 0, service.output
+
+
+async def test_a_hostile_source_is_logged_short_and_escaped_when_its_alert_fires(
+    nissa: Running, capsys: pytest.CaptureFixture[str]
+) -> None:
+    configure_logging("INFO", "json")
+    source = 'tolaria\n{"event": "forged"}' + "x" * 5000
+    for n in (1, 2, 3):  # training_latency_high fires on the third consecutive breach
+        packet = build_telemetry_packet(
+            source=source, metrics=[TelemetryMetric("tolaria.training.latency_ms", 30_000)]
+        )
+        assert await nissa.publisher.publish_telemetry(packet)
+        await nissa.seen.wait_for(n)
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    assert not any(line["event"] == "forged" for line in lines)
+    [fired] = [line for line in lines if line["event"] == "nissa.alert_firing"]
+    assert fired["source"].startswith("tolaria\\x0a{")
+    assert fired["source"].endswith(f"...[{len(source)} chars]")
+    assert len(fired["source"]) < 120

@@ -1,13 +1,20 @@
-"""``esper-oona``: dead-letter inspection, replay to the rejecting group only, refusals, stream overview."""
+"""``esper-oona``: dead-letter inspection, replay to the rejecting group only, refusals, stream overview.
+
+The last tests run it as a process against the embedded server of a real
+``esper-weatherlight-service`` (no ``REDIS_URL``), as an operator would.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 from oona_helpers import (
     CMD,
@@ -22,7 +29,9 @@ from oona_helpers import (
     now_ms,
     signed,
 )
+from security._service import LIMIT_S, Service, clean_env, run
 
+from esper.core.redis_server import embedded_url, free_port
 from esper.core.worker import running
 from esper.oona import OonaClient, OonaMessage
 from esper.oona.cli import oona_main
@@ -175,14 +184,82 @@ async def test_dlq_list_pages_through_more_entries_than_one_reply_may_hold(
     assert [row["source_id"] for row in rows] == [f"{i}-0" for i in range(1499, 299, -1)]
 
 
-def test_missing_secret_is_one_line_exit_2(
-    isolated_env: object, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+async def test_hostile_dead_letter_fields_are_shown_bounded_and_escaped(
+    cli_env: str, redis_client: aioredis.Redis, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+    fields = {
+        b"reason": b"unsigned\n{forged}",
+        b"group": b"g" * 100_000,
+        b"detail": b"d" * 100_000,
+        b"payload_bytes": b"12",
+        b"payload": envelope_bytes(**{"k" * 5000: "v" * 50_000}),
+    }
+    letter = (await redis_client.xadd(DLQ, fields)).decode()  # type: ignore[arg-type]
+    code, [listed], _err = await cli(capsys, "dlq", "list")
+    assert code == 0
+    assert listed["reason"] == "unsigned\\x0a{forged}"
+    assert listed["group"].endswith("...[100000 bytes]")
+    assert len(listed["group"]) < 200
+    assert len(listed["detail"]) < 1100
+    code, [shown], _err = await cli(capsys, "dlq", "show", letter)
+    assert code == 0
+    [(name, value)] = [item for item in shown["attributes"].items() if item[0].startswith("k")]
+    assert (len(name) < 200, len(value) < 1100) == (True, True)
+
+
+def one_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    assert len(lines) == 1, text
+    assert "Traceback" not in text
+    return lines[0]
+
+
+def test_looking_needs_no_secret_and_replaying_does(
+    isolated_env: object,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    assert oona_main(["streams"]) == 0
+    captured = capsys.readouterr()
+    assert len(json_lines(captured.out)) == 8
+    assert "the bus is empty" in one_line(captured.err)
+    assert oona_main(["dlq", "list"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert one_line(captured.err) == "no dead letters in oona.deadletter"
+    assert oona_main(["dlq", "show", "1-1"]) == 1
+    assert "no dead letter 1-1" in one_line(capsys.readouterr().err)
+    assert oona_main(["dlq", "replay", "1-1"]) == 2
+    assert "ESPER_LEYLINE_SECRET" in one_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis://127.0.0.1:99999/0", "REDIS_URL: Port out of range"),
+        ("redis://127.0.0.1:port/0", "REDIS_URL: Port could not be cast"),
+        ("http://127.0.0.1:6379/0", "REDIS_URL: must be a redis://"),
+        ("redis+sentinel://127.0.0.1:26379", "REDIS_URL: redis+sentinel URL: name the service"),
+    ],
+)
+def test_a_malformed_redis_url_is_one_line_exit_2(
+    isolated_env: object,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    url: str,
+    expected: str,
+) -> None:
+    monkeypatch.setenv("REDIS_URL", url)
     assert oona_main(["streams"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1
-    assert "ESPER_LEYLINE_SECRET" in err[0]
+    assert expected in one_line(capsys.readouterr().err)
+
+
+def test_a_malformed_id_is_one_line_exit_2(cli_env: str, capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["dlq", "show", "newest"], ["dlq", "replay", "1-1\n2-2"]):
+        assert oona_main(argv) == 2
+        assert "is not a dead-letter id" in one_line(capsys.readouterr().err)
 
 
 def test_help_documents_commands(capsys: pytest.CaptureFixture[str]) -> None:
@@ -191,3 +268,112 @@ def test_help_documents_commands(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for word in ("dlq", "streams", "REDIS_URL"):
         assert word in out
+
+
+# ------------------------------------------------------------------ against a running service
+
+
+SERVICE_SECRET = "service-secret-for-the-oona-cli-0123456789"
+REQUESTS = "oona.kernels.requests"
+
+
+def esper_oona(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return run("esper-oona", *args, env=env, cwd=cwd)
+
+
+def next_dead_letter(url: str) -> str:
+    """Block on the dead-letter stream until an entry arrives (bounded); its id."""
+    client = redis.Redis.from_url(url)
+    try:
+        for _stream, items in client.xread({DLQ: "0"}, count=1, block=int(LIMIT_S * 1000)) or []:
+            return str(items[0][0].decode())
+    finally:
+        client.close()
+    raise AssertionError(f"no dead letter within {LIMIT_S}s")
+
+
+def test_esper_oona_finds_the_embedded_server_with_no_secret_and_fails_in_one_line(tmp_path: Path) -> None:
+    env = clean_env()  # no secret and no REDIS_URL for esper-oona; the service gets its own secret
+    service = Service({**env, "ESPER_LEYLINE_SECRET": SERVICE_SECRET}, tmp_path)
+    try:
+        service.wait_booted()
+        url = embedded_url(tmp_path / "var")
+        password = (tmp_path / "var" / "redis" / "password").read_text().strip()
+        outputs: list[str] = []
+
+        streams = esper_oona(env, tmp_path, "streams")
+        outputs.append(streams.stdout + streams.stderr)
+        assert streams.returncode == 0, streams.stderr
+        rows = {row["stream"]: row for row in json_lines(streams.stdout)}
+        assert len(rows) == 8
+        assert "urza-prefetch" in rows[REQUESTS]["groups"]  # the service's own consumer group
+
+        empty = esper_oona(env, tmp_path, "dlq", "list")
+        assert (empty.returncode, empty.stdout) == (0, "")
+        assert one_line(empty.stderr) == "no dead letters in oona.deadletter"
+
+        # A hostile entry written straight into the server: the service dead-letters it.
+        client = redis.Redis.from_url(url)
+        try:
+            client.xadd(REQUESTS, {b"payload": b"\x00unsigned\n" * 8})
+        finally:
+            client.close()
+        letter = next_dead_letter(url)
+        listed = esper_oona(env, tmp_path, "dlq", "list")
+        assert listed.returncode == 0, listed.stderr
+        [row] = json_lines(listed.stdout)
+        assert (row["id"], row["reason"], row["source_stream"]) == (letter, "unsigned", REQUESTS)
+        shown = esper_oona(env, tmp_path, "dlq", "show", letter)
+        assert shown.returncode == 0, shown.stderr
+        assert json_lines(shown.stdout)[0]["id"] == letter
+        outputs += [listed.stdout + listed.stderr, shown.stdout + shown.stderr]
+
+        refused = esper_oona(env, tmp_path, "dlq", "replay", letter)
+        assert refused.returncode == 2
+        assert "ESPER_LEYLINE_SECRET" in one_line(refused.stderr)
+
+        port = url.rsplit(":", 1)[1].split("/")[0]
+        for bad_login in (f"redis://:wrong-password@127.0.0.1:{port}/0", f"redis://127.0.0.1:{port}/0"):
+            failed = esper_oona({**env, "REDIS_URL": bad_login}, tmp_path, "streams")
+            assert failed.returncode == 2
+            line = one_line(failed.stderr)
+            assert "refused the login" in line
+            assert "wrong-password" not in line
+            outputs.append(failed.stdout + failed.stderr)
+    finally:
+        assert service.stop() == 0, service.output
+
+    # The service is gone and its port closed: the embedded URL no longer answers.
+    gone = esper_oona(env, tmp_path, "streams")
+    assert gone.returncode == 2
+    line = one_line(gone.stderr)
+    assert line.startswith("error: cannot reach the bus at redis://:***@127.0.0.1:"), line
+    assert "the embedded server under var/redis" in line
+    closed = esper_oona(
+        {**env, "REDIS_URL": f"redis://:{password}@127.0.0.1:{free_port()}/0"}, tmp_path, "streams"
+    )
+    assert closed.returncode == 2
+    assert "cannot reach the bus at redis://:***@127.0.0.1:" in one_line(closed.stderr)
+    outputs += [gone.stdout + gone.stderr, closed.stdout + closed.stderr]
+    assert password not in "\n".join(outputs)
+
+
+def test_after_config_init_esper_oona_works_from_that_directory(tmp_path: Path) -> None:
+    env = clean_env()
+    init = run("esper-config", "init", env=env, cwd=tmp_path)
+    assert init.returncode == 0, init.stderr
+    service = Service(env, tmp_path)  # the secret comes from .env, like esper-oona's
+    try:
+        service.wait_booted()
+        streams = esper_oona(env, tmp_path, "streams")
+        assert streams.returncode == 0, streams.stderr
+        assert len(json_lines(streams.stdout)) == 8
+        listed = esper_oona(env, tmp_path, "dlq", "list")
+        assert (listed.returncode, listed.stdout) == (0, "")
+        assert "no dead letters" in one_line(listed.stderr)
+        # replay reads the secret from .env too: it gets as far as looking the entry up.
+        missing = esper_oona(env, tmp_path, "dlq", "replay", "1-1")
+        assert missing.returncode == 1
+        assert "no dead letter 1-1" in one_line(missing.stderr)
+    finally:
+        assert service.stop() == 0, service.output

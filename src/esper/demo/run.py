@@ -88,6 +88,19 @@ def _environment(config: DemoConfig, secret: str) -> dict[str, str]:
     return env
 
 
+def _secret(out: TextIO) -> str:
+    """The configured secret (environment or ``.env``), else a one-off one for this run alone.
+
+    The configured one is shared with every other tool started here (``esper-oona``
+    can then verify and replay the demo's dead letters); a one-off one is not kept.
+    """
+    configured = load_settings().leyline_secret
+    if configured is not None:
+        return configured.get_secret_value()
+    print("no ESPER_LEYLINE_SECRET set: using a one-off secret for this demo run", file=out)
+    return secrets.token_hex(32)
+
+
 def _settings(env: dict[str, str], redis_url: str) -> EsperSettings:
     return load_settings(
         redis_url=redis_url,
@@ -119,11 +132,7 @@ def nissa_sources(metrics_text: str) -> set[str]:
 
 async def run_demo(config: DemoConfig, out: TextIO = sys.stdout) -> DemoSummary:
     started = time.monotonic()
-    secret = os.environ.get("ESPER_LEYLINE_SECRET", "").strip()
-    if not secret:
-        secret = secrets.token_hex(32)
-        print("no ESPER_LEYLINE_SECRET set: using a one-off secret for this demo run", file=out)
-    env = _environment(config, secret)
+    env = _environment(config, _secret(out))
     logs = config.workdir / "logs"
     summary = DemoSummary(run_id=f"demo-{uuid.uuid4().hex[:8]}")
     children: list[ChildService] = []

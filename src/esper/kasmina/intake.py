@@ -18,6 +18,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 
 from esper.core.logs import get_logger
+from esper.core.untrusted import bounded
 from esper.core.worker import WorkerContext
 from esper.kasmina.seed_manager import CommandResult, KasminaSeedManager
 from esper.leyline import leyline_pb2
@@ -53,7 +54,9 @@ class KasminaCommandIntake:
         self._counts[key] += 1
         self.results.append((command.command_id, result))
         if result.status == "rejected":
-            _log.warning("kasmina.command_rejected", command_id=command.command_id, reason=result.reason)
+            _log.warning(
+                "kasmina.command_rejected", command_id=bounded(command.command_id), reason=result.reason
+            )
         if self.on_result is not None:
             self.on_result(command, result)
 

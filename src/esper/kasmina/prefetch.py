@@ -50,6 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from esper.core.logs import get_logger
+from esper.core.untrusted import bounded
 from esper.core.worker import WorkerContext, run_children
 from esper.kasmina.seed_manager import KasminaSeedManager
 from esper.leyline import leyline_pb2
@@ -155,9 +156,9 @@ class KasminaPrefetchCoordinator:
         self._counts[f"publish_failed.{reason}"] += 1
         _log.warning(
             "kasmina.prefetch_publish_failed",
-            seed_id=seed_id,
-            blueprint_id=blueprint_id,
-            request_id=request_id,
+            seed_id=bounded(seed_id),
+            blueprint_id=bounded(blueprint_id),
+            request_id=bounded(request_id),
             reason=reason,
         )
         await self.manager.kernel_failed(seed_id, blueprint_id, f"publish_{reason}")
@@ -174,7 +175,7 @@ class KasminaPrefetchCoordinator:
         if entry is None:
             if request_id in self._answered:
                 self._counts["replies_duplicate"] += 1
-                _log.info("kasmina.prefetch_duplicate_reply", request_id=request_id)
+                _log.info("kasmina.prefetch_duplicate_reply", request_id=bounded(request_id))
             else:
                 self._counts["replies_foreign"] += 1
             return None
@@ -214,9 +215,9 @@ class KasminaPrefetchCoordinator:
         self._counts[f"verify_failed.{reason}"] += 1
         _log.warning(
             "kasmina.prefetch_artifact_rejected",
-            seed_id=entry.seed_id,
-            blueprint_id=entry.blueprint_id,
-            request_id=entry.request_id,
+            seed_id=bounded(entry.seed_id),
+            blueprint_id=bounded(entry.blueprint_id),
+            request_id=bounded(entry.request_id),
             reason=reason,
         )
         await self.manager.kernel_failed(entry.seed_id, entry.blueprint_id, reason)

@@ -26,6 +26,7 @@ from collections import deque
 
 from esper.core.logs import get_logger
 from esper.core.telemetry import PRIORITY_INDICATOR, TelemetryEvent, TelemetryMetric, build_telemetry_packet
+from esper.core.untrusted import bounded
 from esper.core.worker import WorkerContext, run_children
 from esper.leyline import leyline_pb2
 from esper.oona import BroadcastReader, OonaClient, OonaMessage
@@ -95,7 +96,9 @@ class KernelWarmer:
         except UrzaError as exc:
             self.outcomes[exc.reason] += 1
             self.warm.pop(blueprint_id, None)
-            _log.warning("kasmina.warm_failed", blueprint_id=blueprint_id, reason=exc.reason, trigger=trigger)
+            _log.warning(
+                "kasmina.warm_failed", blueprint_id=bounded(blueprint_id), reason=exc.reason, trigger=trigger
+            )
             self._report(blueprint_id, trigger, ok=False, reason=exc.reason, started=started)
             return False
         self.outcomes["warmed"] += 1

@@ -1,10 +1,12 @@
-"""``esper-nissa-service``: run Nissa against a running platform's Redis.
+"""``esper-nissa-service``: run Nissa against a running platform's bus.
 
 Environment (besides the shared ``EsperSettings``):
 
-* ``REDIS_URL`` - required: Nissa joins a running platform, it never starts
-  its own Redis;
-* ``ESPER_LEYLINE_SECRET`` (+ ``ESPER_LEYLINE_PREVIOUS_SECRETS``) - required;
+* ``REDIS_URL`` - the running platform's Redis; unset, the embedded server
+  the service keeps under ``ESPER_VAR_DIR`` (Nissa never starts a Redis of
+  its own), so started in the service's directory it needs no setting;
+* ``ESPER_LEYLINE_SECRET`` (+ ``ESPER_LEYLINE_PREVIOUS_SECRETS``) - required,
+  usually from the ``.env`` that ``esper-config init`` wrote;
 * ``NISSA_HTTP_HOST`` (default ``127.0.0.1``) and ``NISSA_HTTP_PORT``
   (default ``9100``) - where ``/metrics``, ``/healthz``, ``/alerts``,
   ``/livez`` and ``/readyz`` are served.
@@ -26,7 +28,15 @@ from collections.abc import Sequence
 
 from redis.exceptions import RedisError
 
-from esper.core import ConfigError, EsperSettings, configure_logging, get_logger, load_settings
+from esper.core import (
+    ConfigError,
+    EsperSettings,
+    bounded,
+    configure_logging,
+    get_logger,
+    load_settings,
+    mask_url,
+)
 from esper.core.cli import run_main
 from esper.core.worker import Worker, WorkerContext, run_children
 from esper.nissa.service import DEFAULT_HTTP_HOST, DEFAULT_HTTP_PORT, NissaService
@@ -37,8 +47,11 @@ _log = get_logger("esper.nissa.cli")
 
 async def serve(settings: EsperSettings, host: str, port: int) -> int:
     """Run until a signal; the consumer name is ``OONA_CONSUMER_NAME`` or a leased ``nissa-<n>``."""
-    if not settings.redis_url:
-        raise ConfigError(["REDIS_URL is not set; Nissa joins a running platform's Redis"])
+    url = settings.bus_url()
+    try:
+        lease_redis = connect(url, StreamConfig(instance="nissa"))
+    except ValueError as exc:  # a port out of range, a Sentinel URL without a service...
+        raise ConfigError([f"REDIS_URL: {bounded(str(exc))}"]) from None
     ctx = WorkerContext("nissa")
     loop = asyncio.get_running_loop()
     signals = (signal.SIGINT, signal.SIGTERM)
@@ -52,23 +65,22 @@ async def serve(settings: EsperSettings, host: str, port: int) -> int:
 
     for signum in signals:
         loop.add_signal_handler(signum, on_signal, signum)
-    lease_redis = connect(settings.redis_url, StreamConfig(instance="nissa"))
     try:
         workers: dict[str, Worker] = {}
         instance = settings.oona_consumer_name
         if not instance:
-            keys = KeySpace(hash_tag_for(settings.redis_url))
+            keys = KeySpace(hash_tag_for(url))
             lease = InstanceLease(lease_redis, "nissa", secrets.token_hex(16), keys=keys)
             instance = await lease.acquire()
             workers["lease"] = lease.run
-        client = OonaClient.from_settings(settings, instance=instance)
+        client = OonaClient.from_settings(settings, instance=instance, redis_url=url)
         try:
             workers["service"] = NissaService(client, http_host=host, http_port=port).run
             await run_children(ctx, workers)
         finally:
             await client.aclose()
     except (RedisError, OSError) as exc:  # Redis unreachable at start, or the HTTP port is taken
-        _log.error("nissa failed", error=f"{type(exc).__name__}: {exc}")
+        _log.error("nissa failed", bus=mask_url(url), error=bounded(f"{type(exc).__name__}: {exc}", 300))
         return 1
     finally:
         for signum in signals:
@@ -84,7 +96,9 @@ def nissa_main(argv: Sequence[str] | None = None) -> int:
         description=(
             "Consume oona.telemetry, oona.normal and oona.emergency (group 'nissa') into "
             "Prometheus series and alerts; serve /metrics, /healthz, /alerts, /livez, /readyz. "
-            "Needs REDIS_URL and ESPER_LEYLINE_SECRET; listens on NISSA_HTTP_HOST:NISSA_HTTP_PORT "
+            "Reads the environment and .env in this directory: REDIS_URL (unset: the service's "
+            "embedded server under ESPER_VAR_DIR) and ESPER_LEYLINE_SECRET; listens on "
+            "NISSA_HTTP_HOST:NISSA_HTTP_PORT "
             f"(default {DEFAULT_HTTP_HOST}:{DEFAULT_HTTP_PORT}). Exits 2 on invalid configuration."
         ),
     )
@@ -92,8 +106,7 @@ def nissa_main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         settings = load_settings(require_secret=True)
-        if not settings.redis_url:
-            raise ConfigError(["REDIS_URL is not set; Nissa joins a running platform's Redis"])
+        settings.bus_url()  # no bus to join is a configuration error, reported before logging starts
         configure_logging(settings.log_level, settings.log_format)
         return asyncio.run(serve(settings, settings.nissa_http_host, settings.nissa_http_port))
 

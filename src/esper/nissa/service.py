@@ -47,6 +47,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from esper.core.http_server import HealthServer
 from esper.core.logs import get_logger
+from esper.core.untrusted import bounded
 from esper.core.worker import WorkerContext, run_children, unwrap
 from esper.leyline import leyline_pb2
 from esper.nissa.alerts import DEFAULT_RULES, ActiveAlert, AlertEngine, AlertRule
@@ -56,6 +57,9 @@ from esper.oona import OonaClient, OonaMessage, Subscription
 
 _L = leyline_pb2
 _log = get_logger("esper.nissa")
+#: Wire values in log lines: label values as long as an alert needs to name them, error texts longer.
+_LABEL_LIMIT = 80
+_ERROR_LIMIT = 300
 
 NISSA_GROUP = "nissa"
 DEFAULT_HTTP_HOST = "127.0.0.1"
@@ -183,9 +187,9 @@ class NissaService:
                 _log.warning(
                     "nissa.uninterpretable_message",
                     stream=stream,
-                    entry_id=message.entry_id,
+                    entry_id=bounded(message.entry_id),
                     type=kind,
-                    error=f"{type(exc).__name__}: {exc}",
+                    error=bounded(f"{type(exc).__name__}: {exc}", _ERROR_LIMIT),
                 )
             for listener in self._listeners:
                 listener(stream, message.message_type)
@@ -205,9 +209,9 @@ class NissaService:
                 _log.warning(
                     "nissa.alert_firing",
                     rule=alert.rule,
-                    source=alert.source[:80],
-                    instance=alert.instance[:80],
-                    metric=alert.metric,
+                    source=bounded(alert.source, _LABEL_LIMIT),
+                    instance=bounded(alert.instance, _LABEL_LIMIT),
+                    metric=bounded(alert.metric),
                     value=alert.value,
                     severity=alert.severity,
                 )
