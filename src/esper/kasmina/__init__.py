@@ -61,7 +61,6 @@ _TORCH_BACKED = {
 }
 
 
-
 __all__ = [
     "ALLOWED_TRANSITIONS",
     "AlphaSchedule",

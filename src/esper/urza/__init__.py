@@ -51,7 +51,6 @@ _TORCH_BACKED = {
 }
 
 
-
 __all__ = [
     "FAMILIES",
     "FORMAT",

@@ -412,9 +412,7 @@ class WeatherlightService:
     async def health(self) -> Health:
         """The one verdict for ``/readyz``, telemetry and the systemd watchdog (see ``health.py``)."""
         service = self.clients.get("service")
-        redis, catalog = await asyncio.gather(
-            probe_redis(service), probe_catalog(self.library)
-        )
+        redis, catalog = await asyncio.gather(probe_redis(service), probe_catalog(self.library))
         health = judge(
             self.supervisor.snapshot(),
             redis=redis,
