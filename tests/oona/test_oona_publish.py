@@ -15,7 +15,7 @@ from oona_helpers import CMD, NORMAL, SECRET, Recorder, command
 from esper.core.settings import EsperSettings
 from esper.core.worker import running
 from esper.leyline import leyline_pb2 as pb
-from esper.oona import OonaClient, StreamConfig
+from esper.oona import DeliveryPolicy, OonaClient, StreamConfig
 
 
 def test_client_refuses_to_exist_without_a_keyring(redis_url: str) -> None:
@@ -37,6 +37,12 @@ def test_stream_config_from_settings() -> None:
     assert config.socket_timeout_s > config.block_ms / 1000
     with pytest.raises(ValueError, match="block_ms"):
         StreamConfig(instance="x", block_ms=0)
+    # A short claim time brings the retry backoff down with it (a backing-off entry must not
+    # look abandoned); a policy built by hand that breaks this is refused.
+    quick = StreamConfig.from_settings(EsperSettings(oona_claim_idle_ms=3000), instance="w").delivery
+    assert quick.retry_backoff_max_ms < quick.claim_idle_ms == 3000
+    with pytest.raises(ValueError, match="below claim_idle_ms"):
+        DeliveryPolicy(claim_idle_ms=1000)
 
 
 async def test_entry_is_signed_v1_compatible_with_attributes(

@@ -61,6 +61,9 @@ class DeliveryPolicy:
             for name in ("batch", "concurrency", "handler_timeout_ms", "max_deliveries", "claim_idle_ms")
             if getattr(self, name) < 1
         ]
+        if self.retry_backoff_max_ms >= self.claim_idle_ms:
+            # A failed entry waiting out its backoff would look abandoned and be taken over.
+            problems.append("retry_backoff_max_ms must be below claim_idle_ms")
         if problems:
             raise ValueError("invalid DeliveryPolicy: " + "; ".join(problems))
 
@@ -155,6 +158,9 @@ class StreamConfig:
             delivery=DeliveryPolicy(
                 handler_timeout_ms=settings.oona_handler_timeout_ms,
                 claim_idle_ms=settings.oona_claim_idle_ms,
+                # Backoff stays well below the claim time, however short that is set.
+                retry_backoff_ms=min(200, max(1, settings.oona_claim_idle_ms // 20)),
+                retry_backoff_max_ms=min(5_000, max(1, settings.oona_claim_idle_ms // 2)),
             ),
         )
         return replace(base, **overrides) if overrides else base

@@ -83,8 +83,6 @@ class Subscription:
         self.group = group
         self.consumer = config.instance
         self.policy = policy or config.delivery
-        if self.policy.retry_backoff_max_ms >= self.policy.claim_idle_ms:
-            raise ValueError("retry_backoff_max_ms must be below claim_idle_ms")
         self.dispatcher = Dispatcher(
             link,
             stream,
