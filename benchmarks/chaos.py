@@ -11,14 +11,14 @@ requests at ``--rate`` per second from a trainer-like client while it
 2. restarts the Redis server (SIGTERM, then a new process on the same port
    and files);
 3. kills another replica for good (its pending requests are taken over by the
-   others after ``OONA_CLAIM_IDLE_MS``).
+   others after ``OONA_CLAIM_IDLE_MS``, default 15 s).
 
 Every request is published until the bus accepts it (a refused publish during
 the outage is retried). At the end it reports how many accepted requests got
 no answer (lost), how many got more than one (duplicates), the latency
 percentiles, and the slowest answer to a request sent during each fault.
 
-Run: .venv/bin/python benchmarks/chaos.py [--replicas 3] [--seconds 30] [--rate 100]
+Run: .venv/bin/python benchmarks/chaos.py [--replicas 3] [--seconds 30] [--rate 200]
 (the last line is JSON)
 """
 
@@ -38,12 +38,13 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from esper.core.redis_server import RedisServer, ServerOptions, free_port
 from esper.core.worker import running
 from esper.karn import KarnCatalog
 from esper.leyline import leyline_pb2 as pb
-from esper.oona import OonaClient, OonaMessage, StreamConfig
+from esper.oona import OonaClient, OonaMessage, StreamConfig, connect
 from esper.security import KeyRing
 from esper.tezzeret import TezzeretForge
 from esper.urza import UrzaLibrary
@@ -51,6 +52,7 @@ from esper.urza import UrzaLibrary
 SECRET = "chaos-benchmark-secret-0123456789abcdef"
 SERVICE = str(Path(sys.executable).with_name("esper-weatherlight-service"))
 BLUEPRINTS = ("BP001", "BP009")
+REQUESTS = "oona.kernels.requests"
 
 
 class Replica:
@@ -71,7 +73,6 @@ class Replica:
             URZA_ARTIFACT_DIR=str(root / "urza"),
             URZA_DATABASE_URL=f"sqlite:///{root / 'urza' / 'catalog.db'}",
             WEATHERLIGHT_HTTP_PORT=str(free_port()),
-            OONA_CLAIM_IDLE_MS="3000",
             ESP_LOG_LEVEL="WARNING",
         )
         self.proc: subprocess.Popen[bytes] | None = None
@@ -88,6 +89,21 @@ class Replica:
             self.proc = subprocess.Popen([SERVICE], env=env, stdout=self.log, stderr=subprocess.STDOUT)
             while b"READY=1" not in sock.recv(4096):
                 pass
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def token(self) -> str:
+        return (self.var / "instance-token").read_text().strip()
+
+    def freeze(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGCONT)
 
     def kill(self) -> None:
         if self.proc is not None:
@@ -108,6 +124,7 @@ class Ledger:
     replies: dict[str, int] = field(default_factory=dict)
     refused: int = 0
     faults: list[tuple[str, float]] = field(default_factory=list)
+    closed: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
     def on_reply(self, request_id: str) -> None:
@@ -115,7 +132,11 @@ class Ledger:
             return
         self.replies[request_id] = self.replies.get(request_id, 0) + 1
         self.answered.setdefault(request_id, time.monotonic())
-        if len(self.answered) == len(self.sent) and self.sent:
+        self.check()
+
+    def check(self) -> None:
+        """Set ``done`` once the load has ended and every request it sent has an answer."""
+        if self.closed and len(self.answered) == len(self.sent):
             self.done.set()
 
 
@@ -128,6 +149,7 @@ async def load(client: OonaClient, ledger: Ledger, seconds: float, rate: float) 
             request_id=uuid.uuid4().hex, blueprint_id=BLUEPRINTS[index % 2], training_run_id="chaos"
         )
         index += 1
+        ledger.sent[request.request_id] = time.monotonic()  # before publishing: the answer can be quick
         while True:
             request.issued_at.GetCurrentTime()
             result = await client.publish_kernel_prefetch_request(request)
@@ -135,8 +157,25 @@ async def load(client: OonaClient, ledger: Ledger, seconds: float, rate: float) 
                 break
             ledger.refused += 1
             await asyncio.sleep(0.05)  # the publisher's own retry pacing, not a poll of the system under test
-        ledger.sent[request.request_id] = time.monotonic()
         await asyncio.sleep(max(0.0, start + index * interval - time.monotonic()))
+
+
+async def frozen_holding_work(redis: Any, replicas: list[Replica], limit_s: float = 10.0) -> Replica:
+    """Freeze (SIGSTOP) a replica at a moment it holds unacknowledged requests, so a kill is mid-batch."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        slots = await redis.hgetall("oona:instances:weatherlight")
+        names = {v.decode().split("|")[0]: f"weatherlight-{k.decode()}" for k, v in slots.items()}
+        for replica in (r for r in replicas if r.alive):
+            name = names.get(replica.token())
+            if name is None:
+                continue
+            replica.freeze()
+            held = await redis.xpending_range(REQUESTS, "urza-prefetch", "-", "+", 10, consumername=name)
+            if held or time.monotonic() > deadline:
+                return replica  # frozen: whatever it holds now stays unacknowledged
+            replica.thaw()
+        await asyncio.sleep(0.001)  # watching for a moment when a replica holds work: no event exists
 
 
 async def faults(replicas: list[Replica], server: RedisServer, ledger: Ledger, seconds: float) -> None:
@@ -144,18 +183,24 @@ async def faults(replicas: list[Replica], server: RedisServer, ledger: Ledger, s
         await asyncio.sleep(max(0.0, start + fraction * seconds - time.monotonic()))
 
     start = time.monotonic()
-    await at(0.2)
-    ledger.faults.append(("kill -9 and restart a replica", time.monotonic()))
-    replicas[0].kill()
-    await asyncio.to_thread(replicas[0].start)
-    await at(0.45)
-    ledger.faults.append(("restart the Redis server", time.monotonic()))
-    await asyncio.to_thread(server.stop)
-    await asyncio.to_thread(server.start)
-    await at(0.7)
-    if len(replicas) > 1:
-        ledger.faults.append(("lose a replica for good", time.monotonic()))
-        replicas[1].kill()
+    watcher = connect(server.url, StreamConfig(instance="chaos-watch"))  # retries a dead connection once
+    try:
+        await at(0.2)
+        victim = await frozen_holding_work(watcher, replicas)
+        ledger.faults.append(("kill -9 mid-batch and restart a replica", time.monotonic()))
+        victim.kill()
+        await asyncio.to_thread(victim.start)
+        await at(0.45)
+        ledger.faults.append(("restart the Redis server", time.monotonic()))
+        await asyncio.to_thread(server.stop)
+        await asyncio.to_thread(server.start)
+        await at(0.7)
+        if len(replicas) > 1:
+            victim = await frozen_holding_work(watcher, replicas)
+            ledger.faults.append(("lose a replica for good, mid-batch", time.monotonic()))
+            victim.kill()
+    finally:
+        await watcher.aclose()
 
 
 async def drive(
@@ -184,11 +229,15 @@ async def drive(
         async with asyncio.TaskGroup() as group:
             group.create_task(load(trainer, ledger, seconds, rate))
             group.create_task(faults(replicas, server, ledger, seconds))
+        ledger.closed = True
+        ledger.check()
         print(f"sent {len(ledger.sent)} requests; waiting for the last answers", flush=True)
         try:
             await asyncio.wait_for(ledger.done.wait(), 60)
         except TimeoutError:
-            print("some requests were never answered", flush=True)
+            missing = [r for r in ledger.sent if r not in ledger.answered]
+            pending = await trainer.redis.xpending(REQUESTS, "urza-prefetch")
+            print(f"{len(missing)} requests were never answered; pending now: {pending}", flush=True)
     await trainer.aclose()
     return ledger
 
@@ -197,7 +246,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--replicas", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=30.0)
-    parser.add_argument("--rate", type=float, default=100.0, help="requests per second")
+    parser.add_argument("--rate", type=float, default=200.0, help="requests per second")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
