@@ -34,9 +34,9 @@ from esper.leyline import leyline_pb2 as L
 from esper.oona import OonaClient, OonaMessage, StreamConfig
 from esper.security import KeyRing
 from esper.urza import UrzaLibrary
+from esper.weatherlight import BackoffPolicy, WorkerSpec
 from esper.weatherlight.sdnotify import SdNotifier
 from esper.weatherlight.service import WeatherlightService
-from esper.weatherlight.supervisor import BackoffPolicy, WorkerSpec
 
 FAST = BackoffPolicy(base_s=0.05, factor=2.0, cap_s=1.0, jitter=0.0)
 

@@ -44,8 +44,8 @@ from esper.core.worker import WorkerContext
 from esper.leyline import leyline_pb2 as L
 from esper.oona import OonaClient, StreamConfig
 from esper.security import KeyRing
+from esper.weatherlight import BackoffPolicy, ShutdownResult, WorkerSpec
 from esper.weatherlight.service import WeatherlightService
-from esper.weatherlight.supervisor import BackoffPolicy, ShutdownResult, WorkerSpec
 
 #: The documented boot order with an external Redis (see the service.py docstring).
 BOOT_ORDER = [

@@ -59,13 +59,8 @@ from esper.weatherlight.health import UNHEALTHY, Health, bus_problems, judge, pr
 from esper.weatherlight.metrics import AttemptRegistries, SupervisorCollector
 from esper.weatherlight.periodic import run_every
 from esper.weatherlight.sdnotify import SdNotifier
-from esper.weatherlight.supervisor import (
-    BackoffPolicy,
-    BootError,
-    ShutdownResult,
-    Supervisor,
-    WorkerSpec,
-)
+from esper.weatherlight.specs import BackoffPolicy, BootError, ShutdownResult, WorkerSpec
+from esper.weatherlight.supervisor import Supervisor
 from esper.weatherlight.telemetry import build_weatherlight_packet
 
 _log = get_logger("esper.weatherlight")
