@@ -211,7 +211,7 @@ class FlakyPrefetchService(WeatherlightService):
                 self.failures_left -= 1
                 raise RuntimeError("injected: prefetch storage unavailable")
             self.recovered.set()
-        real = asyncio.create_task(self._run_prefetch(ctx))
+        real = asyncio.create_task(self.workers.run_prefetch(ctx))
         crash = asyncio.create_task(self.crash.wait())
         try:
             await asyncio.wait({real, crash}, return_when=asyncio.FIRST_COMPLETED)

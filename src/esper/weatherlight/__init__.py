@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from esper.weatherlight.periodic import run_every
     from esper.weatherlight.sdnotify import SdNotifier
+    from esper.weatherlight.service import WeatherlightService
     from esper.weatherlight.specs import (
         BackoffPolicy,
         BootError,
@@ -38,6 +39,7 @@ _EXPORTS = {
     "ShutdownResult": "specs",
     "Supervisor": "supervisor",
     "WatchdogTimeout": "specs",
+    "WeatherlightService": "service",
     "WorkerSpec": "specs",
     "WorkerStatus": "specs",
     "run_every": "periodic",
@@ -51,6 +53,7 @@ __all__ = [
     "ShutdownResult",
     "Supervisor",
     "WatchdogTimeout",
+    "WeatherlightService",
     "WorkerSpec",
     "WorkerStatus",
     "run_every",
