@@ -16,7 +16,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from esper.core.worker import WorkerContext, run_children
-from esper.weatherlight.supervisor import (
+from esper.weatherlight import (
     BackoffPolicy,
     BootError,
     RestartPolicy,

@@ -147,7 +147,7 @@ _DOOMED = textwrap.dedent(
     """
     import asyncio, sys
     from esper.weatherlight import cli, service
-    from esper.weatherlight.supervisor import BackoffPolicy, WorkerSpec
+    from esper.weatherlight import BackoffPolicy, WorkerSpec
 
     class Doomed(service.WeatherlightService):
         def __init__(self, settings, **kwargs):

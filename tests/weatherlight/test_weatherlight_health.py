@@ -29,14 +29,13 @@ from _service_support import (
 )
 
 from esper.core.redis_server import RedisServer, free_port
+from esper.core.worker import WorkerContext
 from esper.kasmina.warmer import KernelWarmer
 from esper.leyline import leyline_pb2 as L
 from esper.oona import OonaClient, OonaMessage, StreamConfig
 from esper.security import KeyRing
-from esper.urza import UrzaLibrary
-from esper.weatherlight.sdnotify import SdNotifier
+from esper.weatherlight import BackoffPolicy, SdNotifier, WorkerSpec
 from esper.weatherlight.service import WeatherlightService
-from esper.weatherlight.supervisor import BackoffPolicy, WorkerSpec
 
 FAST = BackoffPolicy(base_s=0.05, factor=2.0, cap_s=1.0, jitter=0.0)
 
@@ -131,11 +130,17 @@ class WedgingWarmer(KernelWarmer):
 class WedgeService(WeatherlightService):
     def specs(self) -> list[WorkerSpec]:
         # Consumers block for 1 s when idle, so 4 s of silence can only be a wedge.
-        return [replace(s, heartbeat_timeout_s=4.0) if s.name == "kasmina" else s for s in super().specs()]
+        return [
+            replace(s, run=self._run_wedging_warmer, heartbeat_timeout_s=4.0) if s.name == "kasmina" else s
+            for s in super().specs()
+        ]
 
-    def _warmer(self, client: OonaClient, library: UrzaLibrary) -> KernelWarmer:
-        WedgingWarmer.attempts += 1
-        return WedgingWarmer(client, library)
+    async def _run_wedging_warmer(self, ctx: WorkerContext) -> None:
+        """The kasmina worker's body, with the wedging warmer in place of the real one."""
+        async with self.workers.role_client("kasmina") as client:
+            WedgingWarmer.attempts += 1
+            self.live.warmer = warmer = WedgingWarmer(client, self.live.need_library())
+            await warmer.run(ctx)
 
 
 async def test_a_wedged_consumer_next_to_an_idle_one_is_restarted(tmp_path: Path, redis_url: str) -> None:

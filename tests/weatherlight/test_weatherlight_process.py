@@ -178,7 +178,7 @@ _BROKEN = textwrap.dedent(
     """
     import asyncio, sys
     from esper.weatherlight import cli, service
-    from esper.weatherlight.supervisor import BackoffPolicy, WorkerSpec
+    from esper.weatherlight import BackoffPolicy, WorkerSpec
 
     async def read_catalog():
         await asyncio.sleep(0.05)

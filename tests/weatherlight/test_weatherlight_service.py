@@ -44,8 +44,8 @@ from esper.core.worker import WorkerContext
 from esper.leyline import leyline_pb2 as L
 from esper.oona import OonaClient, StreamConfig
 from esper.security import KeyRing
+from esper.weatherlight import BackoffPolicy, ShutdownResult, WorkerSpec
 from esper.weatherlight.service import WeatherlightService
-from esper.weatherlight.supervisor import BackoffPolicy, ShutdownResult, WorkerSpec
 
 #: The documented boot order with an external Redis (see the service.py docstring).
 BOOT_ORDER = [
@@ -211,7 +211,7 @@ class FlakyPrefetchService(WeatherlightService):
                 self.failures_left -= 1
                 raise RuntimeError("injected: prefetch storage unavailable")
             self.recovered.set()
-        real = asyncio.create_task(self._run_prefetch(ctx))
+        real = asyncio.create_task(self.workers.run_prefetch(ctx))
         crash = asyncio.create_task(self.crash.wait())
         try:
             await asyncio.wait({real, crash}, return_when=asyncio.FIRST_COMPLETED)

