@@ -24,7 +24,7 @@ from esper.core.logs import get_logger
 from esper.core.worker import WorkerContext, unwrap
 from esper.oona.blocking import BlockingRead
 from esper.oona.delivery import has_deferred
-from esper.oona.envelope import Accepted, Rejection
+from esper.oona.envelope import PAYLOAD, Accepted, Rejection, peek_message_type
 from esper.oona.link import REDIS_FAILURES, TRANSIENT, Link, honour_cancellation
 from esper.oona.messages import Handler, RejectMessage, RejectReason
 from esper.oona.wire_guard import OversizedEntry
@@ -132,8 +132,13 @@ class BroadcastReader:
     async def _process(self, ctx: WorkerContext, entries: list[tuple[str, Any]]) -> None:
         link, metrics = self.link, self.link.metrics
         accepted: list[Accepted] = []
+        ignored = 0
         for entry_id, fields in entries:
             if fields is None:
+                continue
+            claimed = fields.get(PAYLOAD)
+            if isinstance(claimed, bytes) and peek_message_type(claimed) in self.ignore_types:
+                ignored += 1  # never acted on, so it needs no signature check
                 continue
             if has_deferred(fields):
                 rows: Any = await link.redis.xrange(self._key, entry_id, entry_id)
@@ -153,9 +158,11 @@ class BroadcastReader:
             elif outcome.target_group is not None:
                 continue  # a dead letter handed back to one group only
             elif outcome.message.message_type in self.ignore_types:
-                metrics.on_ignored(self.stream, 1)
+                ignored += 1
             else:
                 accepted.append(outcome)
+        if ignored:
+            metrics.on_ignored(self.stream, ignored)
         for item, fresh in zip(accepted, await self._claim(accepted), strict=True):
             if not fresh:
                 metrics.on_rejected(self.stream, RejectReason.REPLAY.value)

@@ -113,6 +113,25 @@ def _text(value: bytes | None) -> str | None:
         return None
 
 
+def peek_message_type(payload: bytes) -> int | None:
+    """The ``message_type`` an envelope claims, read without verifying it; None if not plainly there.
+
+    For readers that skip whole types (a broadcast reader sees every reply on
+    a stream it shares): deciding to skip needs no signature, because a
+    skipped entry is never acted on, and an HMAC over every uninteresting
+    entry was most of such a reader's work. Deterministic serialization puts
+    field 1 first, as a one- or two-byte varint for every type we define.
+    """
+    if len(payload) < 2 or payload[0] != 0x08:
+        return None
+    first = payload[1]
+    if first < 0x80:
+        return first
+    if len(payload) < 3 or payload[2] >= 0x80:
+        return None
+    return (first & 0x7F) | (payload[2] << 7)
+
+
 def verify_entry(
     keyring: KeyRing,
     stream: str,
