@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
-from oona_helpers import CMD, NORMAL, Recorder, command, dead_letters
+from oona_helpers import CMD, NORMAL, REPORT, Recorder, command, dead_letters
 
 from esper.core.redis_server import RedisServer
 from esper.core.worker import running
@@ -101,3 +101,21 @@ async def test_a_trainer_cannot_tamper_with_groups_or_replay_keys(acl_server: Re
                 await trainer.execute_command(*forbidden)
     finally:
         await trainer.aclose()
+
+
+async def test_a_trainer_without_scripting_still_skips_the_types_it_ignores(
+    acl_server: RedisServer, make_client: Callable[..., OonaClient]
+) -> None:
+    control = make_client(
+        as_user(acl_server, "esper-control", PASSWORDS["CONTROL-PASSWORD"]), instance="wl-0"
+    )
+    trainer = make_client(as_user(acl_server, "esper-trainer", PASSWORDS["TRAINER-PASSWORD"]), instance="t-0")
+    commands = Recorder(1)
+    reader = trainer.broadcast(NORMAL, commands, types={CMD}, ignore_types={REPORT}, start_id="0-0")
+    assert await control.publish_field_report(pb.FieldReport(report_id="r-1"))
+    assert await control.publish_command(command("for-the-trainer"))
+    async with running(reader.run, "trainer"):
+        await commands.wait()
+    snapshot = trainer.metrics_snapshot()
+    assert commands.ids == ["for-the-trainer"]
+    assert snapshot[f"ignored.{NORMAL}"] == 1

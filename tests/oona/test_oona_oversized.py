@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
-from oona_helpers import CMD, NORMAL, Recorder, command, dead_letters, pending
+from oona_helpers import CMD, NORMAL, REPORT, Recorder, command, dead_letters, pending
 
 from esper.core.redis_server import RedisServer
 from esper.core.worker import running
@@ -95,12 +95,17 @@ async def test_an_entry_bigger_than_one_read_alone_is_dead_lettered_and_others_a
     assert await pending(redis_client, NORMAL, "a") == 0
 
 
+#: Without ignored types a broadcast reader reads with XREAD; with them, through the scan script.
+READ_PATHS = pytest.mark.parametrize("ignore", [(), (REPORT,)], ids=["xread", "scan"])
+
+
+@READ_PATHS
 async def test_a_broadcast_reader_skips_an_entry_too_large_to_discard(
-    make_client: Callable[..., OonaClient], redis_client: aioredis.Redis
+    make_client: Callable[..., OonaClient], redis_client: aioredis.Redis, ignore: tuple[int, ...]
 ) -> None:
     client = make_client()
     recorder = Recorder(2)
-    reader = client.broadcast(NORMAL, recorder, types={CMD}, start_id="0-0")
+    reader = client.broadcast(NORMAL, recorder, types={CMD}, ignore_types=ignore, start_id="0-0")
     await client.publish_command(command("before"))
     await redis_client.xadd(NORMAL, {f"f{i}".encode(): b"v" for i in range(70_000)})  # type: ignore[arg-type]
     await client.publish_command(command("after"))
@@ -108,3 +113,23 @@ async def test_a_broadcast_reader_skips_an_entry_too_large_to_discard(
         await recorder.wait()
     assert recorder.ids == ["before", "after"]
     assert client.metrics_snapshot()[f"rejected.{NORMAL}.oversized"] == 1
+
+
+@READ_PATHS
+async def test_a_broadcast_reader_fetches_again_what_one_read_could_not_hold(
+    make_client: Callable[..., OonaClient], redis_client: aioredis.Redis, ignore: tuple[int, ...]
+) -> None:
+    client = make_client(max_payload_bytes=300_000, max_read_bytes=700_000)
+    recorder = Recorder(1)
+    reader = client.broadcast(NORMAL, recorder, types={CMD}, ignore_types=ignore, start_id="0-0")
+    for _ in range(3):
+        await redis_client.xadd(NORMAL, {b"payload": b"y" * 250_000})
+    wide = {f"f{i}".encode(): b"x" * 250_000 for i in range(4)}  # 1 MB in one entry: never fits
+    await redis_client.xadd(NORMAL, wide)  # type: ignore[arg-type]
+    await client.publish_command(command("after"))
+    async with running(reader.run, "bcast"):
+        await recorder.wait()
+    snapshot = client.metrics_snapshot()
+    assert recorder.ids == ["after"]
+    assert snapshot[f"rejected.{NORMAL}.unsigned"] == 3  # each read alone, then judged
+    assert snapshot[f"rejected.{NORMAL}.oversized"] == 1

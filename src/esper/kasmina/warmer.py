@@ -64,6 +64,10 @@ class KernelWarmer:
             self._on_catalog_update,
             types={_CATALOG},
             ignore_types={leyline_pb2.BUS_MESSAGE_TYPE_KERNEL_PREFETCH_READY},
+            # Announcements are rare among the ready replies and warming can wait a moment: read the
+            # shared stream ten times a second at most, not once per burst of replies.
+            batch=512,
+            linger_ms=100,
         )
         self.outcomes: Tally[str] = Tally()
         self.warm: dict[str, str] = {}  # blueprint id -> checksum of the warmed artifact

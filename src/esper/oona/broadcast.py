@@ -8,6 +8,13 @@ keeps its own replay guard in Redis (scoped to this reader's instance, so a
 restart that resumes from an old id does not mistake entries it already saw
 for replays). Refusals and handler failures are counted and logged; there is
 no retry, because there is no group to hold the entry.
+
+A reader that ignores some types on its stream (every Kasmina warmer reads
+the catalog updates among all the ready replies) reads through a server-side
+script that leaves those entries out, so its cost follows what it handles,
+not the stream's traffic; it waits with a blocking XREAD only once the
+script finds nothing new. Where scripts are not allowed (a trainer's ACL),
+it reads everything and skips ignored types itself.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import time
 from collections.abc import Collection
 from typing import Any
 
-from redis.exceptions import ResponseError
+from redis.exceptions import NoPermissionError, ResponseError
 
 from esper.core.logs import get_logger
 from esper.core.worker import WorkerContext, unwrap
@@ -27,6 +34,7 @@ from esper.oona.delivery import has_deferred
 from esper.oona.envelope import PAYLOAD, Accepted, Rejection, peek_message_type
 from esper.oona.link import REDIS_FAILURES, TRANSIENT, Link, honour_cancellation
 from esper.oona.messages import Handler, RejectMessage, RejectReason
+from esper.oona.scripts import SCAN_BROADCAST
 from esper.oona.wire_guard import OversizedEntry
 
 _log = get_logger("esper.oona.broadcast")
@@ -45,6 +53,7 @@ class BroadcastReader:
         ignore_types: Collection[int] = (),
         start_id: str = "$",
         batch: int = 64,
+        linger_ms: int = 0,
     ) -> None:
         if not types:
             raise ValueError("declare the message types this reader handles")
@@ -60,6 +69,11 @@ class BroadcastReader:
         self._key = link.keys.stream(stream)
         self._scope = f"bcast:{link.config.instance}"
         self._backoff_s = link.config.reconnect_base_ms / 1000
+        #: Once caught up, wait this long before reading again: bounds how often a reader that
+        #: needs no low latency wakes on a busy stream (it then reads what gathered in one go).
+        self._linger_s = max(0, linger_ms) / 1000
+        self._scan = link.redis.register_script(SCAN_BROADCAST) if self.ignore_types else None
+        self._ignored_args = sorted(self.ignore_types)
 
     async def run(self, ctx: WorkerContext) -> None:
         """Read until ``ctx.stopping``; started once positioned (nothing published later is missed)."""
@@ -86,18 +100,15 @@ class BroadcastReader:
         if ctx.stopping.is_set():
             return
         ctx.started()
-        redis, c = self.link.redis, self.link.config
+        c = self.link.config
         count = self.batch
         while not ctx.stopping.is_set():
             try:
-                read = functools.partial(
-                    redis.xread, {self._key: self.last_id}, count=count, block=c.block_ms
-                )
-                raw: Any = await reader.read(read)
-                entries = [(_text(i), f) for _s, batch in raw or [] for i, f in batch]
+                entries, last, caught_up = await self._next(reader, count)
                 if entries:
                     await self._process(ctx, entries)
-                    self.last_id = entries[-1][0]
+                if last is not None:
+                    self.last_id = last
                 count = self.batch
             except OversizedEntry as exc:
                 # Too large even to discard: read one entry at a time up to it, then skip it.
@@ -120,6 +131,35 @@ class BroadcastReader:
             self.link.health.clear(f"broadcast:{self.stream}")
             self._backoff_s = c.reconnect_base_ms / 1000
             ctx.progress()
+            if caught_up and last is not None and self._linger_s:
+                await ctx.wait_stopping(self._linger_s)
+
+    async def _next(self, reader: BlockingRead, count: int) -> tuple[list[tuple[str, Any]], str | None, bool]:
+        """Up to ``count`` entries to judge, the id to resume after (None: nothing new), caught up."""
+        if self._scan is not None:
+            try:
+                scanned: Any = await self._scan(
+                    keys=[self._key], args=[self.last_id, count, *self._ignored_args]
+                )
+            except NoPermissionError:
+                self._scan = None
+                _log.info("oona.broadcast_filters_locally", stream=self.stream, why="scripts not permitted")
+            else:
+                if scanned:
+                    kept, skipped = scanned[1], int(scanned[2])
+                    if skipped:
+                        self.link.metrics.on_ignored(self.stream, skipped)
+                    entries = [(_text(i), _pairs(f)) for i, f in kept]
+                    return entries, _text(scanned[0]), len(kept) + skipped < count
+        # Nothing new: block until there is (one entry, then scan the rest when the script is on).
+        wait = count if self._scan is None else 1
+        read = functools.partial(
+            self.link.redis.xread, {self._key: self.last_id}, count=wait, block=self.link.config.block_ms
+        )
+        raw: Any = await reader.read(read)
+        entries = [(_text(i), f) for _s, batch in raw or [] for i, f in batch]
+        caught_up = self._scan is None and len(entries) < count  # else: scan what came after it
+        return entries, entries[-1][0] if entries else None, caught_up
 
     async def _outage(self, ctx: WorkerContext, exc: BaseException) -> None:
         honour_cancellation()
@@ -212,6 +252,11 @@ class BroadcastReader:
         metrics.on_consumed(self.stream, time.perf_counter() - started)
         if produced:
             _log.error("oona.broadcast_handler_replied", stream=self.stream, dropped=len(produced))
+
+
+def _pairs(flat: Any) -> dict[bytes, Any] | None:
+    """A script's flat ``[field, value, ...]`` as the mapping XREAD gives (None: a deleted entry)."""
+    return None if flat is None else dict(zip(flat[::2], flat[1::2], strict=False))
 
 
 def _text(value: Any) -> str:

@@ -309,10 +309,23 @@ class OonaClient:
         ignore_types: Collection[int] = (),
         start_id: str = "$",
         batch: int = 64,
+        linger_ms: int = 0,
     ) -> BroadcastReader:
-        """A reader that sees every entry of ``stream``, independent of groups and other readers."""
+        """A reader that sees every entry of ``stream``, independent of groups and other readers.
+
+        ``linger_ms`` (for readers that need no low latency): once caught up,
+        wait that long before reading again, so a busy stream wakes the reader
+        at most that often and each read takes what gathered meanwhile.
+        """
         return BroadcastReader(
-            self.link, stream, handler, types=types, ignore_types=ignore_types, start_id=start_id, batch=batch
+            self.link,
+            stream,
+            handler,
+            types=types,
+            ignore_types=ignore_types,
+            start_id=start_id,
+            batch=batch,
+            linger_ms=linger_ms,
         )
 
     # -- housekeeping and health -----------------------------------------------------------

@@ -325,3 +325,34 @@ end
 redis.call('XDEL', KEYS[2], ARGV[1])
 return id
 """
+
+# Read a stream for a broadcast reader, leaving out the entries it ignores, so every replica does
+# not fetch and parse every reply on a stream it shares. KEYS[1] stream. ARGV: the id to read
+# after, count, then the ignored message types. An entry is left out only when its first field is
+# `payload` and the envelope plainly claims an ignored type (envelope.peek_message_type); anything
+# else, hostile entries included, is returned for the reader to judge. Returns {} when there is
+# nothing after the id, else {id of the last entry scanned, {{id, fields}, ...}, number left out}.
+SCAN_BROADCAST = r"""
+local rows = redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', tonumber(ARGV[2]))
+if #rows == 0 then
+  return {}
+end
+local ignored = {}
+for j = 3, #ARGV do ignored[tonumber(ARGV[j])] = true end
+local function claimed_type(payload)
+  if type(payload) ~= 'string' or string.byte(payload, 1) ~= 8 then return nil end
+  local first, second = string.byte(payload, 2, 3)
+  if first == nil then return nil end
+  if first < 128 then return first end
+  if second ~= nil and second < 128 then return (first - 128) + second * 128 end
+  return nil
+end
+local kept = {}
+for _, row in ipairs(rows) do
+  local fields = row[2]
+  if not (fields[1] == 'payload' and ignored[claimed_type(fields[2])]) then
+    kept[#kept + 1] = row
+  end
+end
+return {rows[#rows][1], kept, #rows - #kept}
+"""
