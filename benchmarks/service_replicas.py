@@ -23,7 +23,7 @@ from typing import Any
 
 from esper.core.redis_server import free_port
 
-SERVICE = os.environ.get("BENCH_SERVICE") or str(Path(sys.executable).with_name("esper-weatherlight-service"))
+SERVICE = str(Path(sys.executable).with_name("esper-weatherlight-service"))
 _INHERITED = ("ESPER_", "OONA_", "URZA_", "WEATHERLIGHT_", "TAMIYO_", "KERNEL_", "ESP_")
 _DROPPED = {"REDIS_URL", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"}
 _TICKS_PER_S = os.sysconf("SC_CLK_TCK")
