@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from _support import LIMIT_S, Trainer, eventually, forge, readyz, serving, settings_for
-from conftest import SentinelTopology
+from _topology import SentinelTopology
 
 
 async def test_a_failover_is_followed_within_30_s_and_no_request_is_lost(
