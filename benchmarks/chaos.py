@@ -27,18 +27,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from service_replicas import Replica
 
 from esper.core.redis_server import RedisServer, ServerOptions, free_port
 from esper.core.worker import running
@@ -50,71 +47,8 @@ from esper.tezzeret import TezzeretForge
 from esper.urza import UrzaLibrary
 
 SECRET = "chaos-benchmark-secret-0123456789abcdef"
-SERVICE = str(Path(sys.executable).with_name("esper-weatherlight-service"))
 BLUEPRINTS = ("BP001", "BP009")
 REQUESTS = "oona.kernels.requests"
-
-
-class Replica:
-    """One service process, started on its own var dir; READY comes over a notify socket (no polling)."""
-
-    def __init__(self, index: int, root: Path, redis_url: str) -> None:
-        self.index = index
-        self.var = root / f"replica-{index}"
-        self.env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("ESPER_", "OONA_", "URZA_", "WEATHERLIGHT_"))
-        }
-        self.env.update(
-            ESPER_LEYLINE_SECRET=SECRET,
-            REDIS_URL=redis_url,
-            ESPER_VAR_DIR=str(self.var),
-            URZA_ARTIFACT_DIR=str(root / "urza"),
-            URZA_DATABASE_URL=f"sqlite:///{root / 'urza' / 'catalog.db'}",
-            WEATHERLIGHT_HTTP_PORT=str(free_port()),
-            ESP_LOG_LEVEL="WARNING",
-        )
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = open(root / f"replica-{index}.log", "ab")  # noqa: SIM115 - closed in stop()
-
-    def start(self) -> None:
-        notify = self.var / "notify.sock"
-        self.var.mkdir(parents=True, exist_ok=True)
-        notify.unlink(missing_ok=True)
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.bind(str(notify))
-            sock.settimeout(30)
-            env = dict(self.env, NOTIFY_SOCKET=str(notify))
-            self.proc = subprocess.Popen([SERVICE], env=env, stdout=self.log, stderr=subprocess.STDOUT)
-            while b"READY=1" not in sock.recv(4096):
-                pass
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def token(self) -> str:
-        return (self.var / "instance-token").read_text().strip()
-
-    def freeze(self) -> None:
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGSTOP)
-
-    def thaw(self) -> None:
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGCONT)
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout=30)
-        self.log.close()
 
 
 @dataclass
@@ -259,7 +193,16 @@ def main() -> None:
             )
         )
         server.start()
-        replicas = [Replica(i, root, server.url) for i in range(args.replicas)]
+        shared = {
+            "URZA_ARTIFACT_DIR": str(root / "urza"),
+            "URZA_DATABASE_URL": f"sqlite:///{root / 'urza' / 'catalog.db'}",
+        }
+        replicas = [
+            Replica(
+                f"replica-{i}", root / f"replica-{i}", secret=SECRET, redis_url=server.url, extra_env=shared
+            )
+            for i in range(args.replicas)
+        ]
         try:
             for replica in replicas:
                 replica.start()

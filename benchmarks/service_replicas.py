@@ -102,6 +102,26 @@ class Replica:
             document: dict[str, Any] = json.loads(response.read())
             return document
 
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def token(self) -> str:
+        """The instance token this replica holds its leased name with (see ``esper.oona.lease``)."""
+        return (self.var / "instance-token").read_text().strip()
+
+    def freeze(self) -> None:
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+
+    def kill(self) -> None:
+        """SIGKILL and reap: nothing of the process runs its shutdown."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+
     def stop(self, timeout_s: float = 30.0) -> int | None:
         """SIGTERM and wait; the exit code (None if it was never started)."""
         if self.proc is None:
