@@ -16,6 +16,7 @@ from esper.core.settings import EsperSettings
 from esper.core.worker import running
 from esper.leyline import leyline_pb2 as pb
 from esper.oona import DeliveryPolicy, OonaClient, StreamConfig
+from esper.oona.wire_guard import MAX_ITEMS
 
 
 def test_client_refuses_to_exist_without_a_keyring(redis_url: str) -> None:
@@ -43,6 +44,22 @@ def test_stream_config_from_settings() -> None:
     assert quick.retry_backoff_max_ms < quick.claim_idle_ms == 3000
     with pytest.raises(ValueError, match="below claim_idle_ms"):
         DeliveryPolicy(claim_idle_ms=1000)
+
+
+def test_a_read_may_not_ask_for_more_entries_than_a_reply_may_hold(
+    make_client: Callable[..., OonaClient],
+) -> None:
+    # The wire guard discards any reply array longer than MAX_ITEMS as hostile, so a batch that
+    # large would never be read at all: refused when configured instead.
+    DeliveryPolicy(batch=MAX_ITEMS, claim_batch=MAX_ITEMS)
+    for too_many in ({"batch": MAX_ITEMS + 1}, {"claim_batch": MAX_ITEMS + 1}):
+        with pytest.raises(ValueError, match="must be <= 1024"):
+            DeliveryPolicy(**too_many)
+    client = make_client()
+    client.broadcast(NORMAL, Recorder(), types={CMD}, batch=MAX_ITEMS)
+    for bad in (0, MAX_ITEMS + 1):
+        with pytest.raises(ValueError, match="batch must be between 1 and 1024"):
+            client.broadcast(NORMAL, Recorder(), types={CMD}, batch=bad)
 
 
 async def test_entry_is_signed_v1_compatible_with_attributes(

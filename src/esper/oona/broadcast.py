@@ -35,7 +35,7 @@ from esper.oona.envelope import PAYLOAD, Accepted, Rejection, peek_message_type
 from esper.oona.link import REDIS_FAILURES, TRANSIENT, Link, honour_cancellation
 from esper.oona.messages import Handler, RejectMessage, RejectReason
 from esper.oona.scripts import SCAN_BROADCAST
-from esper.oona.wire_guard import OversizedEntry
+from esper.oona.wire_guard import MAX_ITEMS, OversizedEntry
 
 _log = get_logger("esper.oona.broadcast")
 
@@ -57,13 +57,15 @@ class BroadcastReader:
     ) -> None:
         if not types:
             raise ValueError("declare the message types this reader handles")
+        if not 1 <= batch <= MAX_ITEMS:
+            raise ValueError(f"batch must be between 1 and {MAX_ITEMS}")  # a longer reply reads as hostile
         self.link = link
         self.stream = stream
         self.handler = handler
         self.types = frozenset(int(t) for t in types)
         self.ignore_types = frozenset(int(t) for t in ignore_types) - self.types
         self._expected = self.types | self.ignore_types
-        self.batch = max(1, batch)
+        self.batch = batch
         #: The id after which the next read starts; a new reader given it resumes where this one was.
         self.last_id = start_id
         self._key = link.keys.stream(stream)

@@ -21,6 +21,7 @@ from typing import Any
 from esper.core.settings import EsperSettings
 from esper.leyline import leyline_pb2
 from esper.oona.keys import hash_tag_for
+from esper.oona.wire_guard import MAX_ITEMS
 
 KERNEL_REQUEST_STREAM = "oona.kernels.requests"
 KERNEL_READY_STREAM = "oona.kernels.ready"
@@ -61,6 +62,9 @@ class DeliveryPolicy:
             for name in ("batch", "concurrency", "handler_timeout_ms", "max_deliveries", "claim_idle_ms")
             if getattr(self, name) < 1
         ]
+        if max(self.batch, self.claim_batch) > MAX_ITEMS:
+            # A reply array longer than that is treated as hostile and discarded (wire_guard).
+            problems.append(f"batch and claim_batch must be <= {MAX_ITEMS}")
         if self.retry_backoff_max_ms >= self.claim_idle_ms:
             # A failed entry waiting out its backoff would look abandoned and be taken over.
             problems.append("retry_backoff_max_ms must be below claim_idle_ms")

@@ -41,6 +41,9 @@ _ITEM_COST = 64
 #: Values this short (entry ids, field names, signatures) are never deferred: an entry whose id
 #: was deferred could not be fetched again. Their number per reply is bounded by the array caps.
 _ALWAYS_KEPT = 128
+#: The default ``max_items``: no reply the bus asks for legitimately has a longer array, so it also
+#: bounds how many entries one read may ask for.
+MAX_ITEMS = 1024
 #: Arrays longer than this many times ``max_items`` are not even discarded (see the module docstring).
 _DISCARD_FACTOR = 64
 
@@ -88,7 +91,7 @@ class BoundedParser(_AsyncRESP2Parser):
 
     max_value_bytes: ClassVar[int] = 1 << 20
     max_reply_bytes: ClassVar[int] = 8 << 20
-    max_items: ClassVar[int] = 1024
+    max_items: ClassVar[int] = MAX_ITEMS
 
     def __init__(self, socket_read_size: int) -> None:
         super().__init__(socket_read_size)
@@ -232,7 +235,9 @@ class BoundedParser(_AsyncRESP2Parser):
         return total, digest.hexdigest()
 
 
-def bounded_parser(max_value_bytes: int, max_reply_bytes: int, max_items: int = 1024) -> type[BoundedParser]:
+def bounded_parser(
+    max_value_bytes: int, max_reply_bytes: int, max_items: int = MAX_ITEMS
+) -> type[BoundedParser]:
     """A parser class with these limits, for ``parser_class=`` of a connection pool."""
     if max_reply_bytes < max_value_bytes:
         raise ValueError("max_reply_bytes must be at least max_value_bytes")
