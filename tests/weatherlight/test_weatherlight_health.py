@@ -127,11 +127,17 @@ class WedgingWarmer(KernelWarmer):
         await super()._on_catalog_update(message)
 
 
+#: An idle consumer progresses at least once per blocking read, so silence well beyond one can only
+#: be a wedge.
+WEDGE_SILENCE_S = 1.6 * StreamConfig(instance="x").block_ms / 1000
+
+
 class WedgeService(WeatherlightService):
     def specs(self) -> list[WorkerSpec]:
-        # Consumers block for 1 s when idle, so 4 s of silence can only be a wedge.
         return [
-            replace(s, run=self._run_wedging_warmer, heartbeat_timeout_s=4.0) if s.name == "kasmina" else s
+            replace(s, run=self._run_wedging_warmer, heartbeat_timeout_s=WEDGE_SILENCE_S)
+            if s.name == "kasmina"
+            else s
             for s in super().specs()
         ]
 

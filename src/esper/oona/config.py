@@ -113,7 +113,10 @@ class StreamConfig:
     max_payload_bytes: int = 1 << 20
     #: Bytes of entry data one read may hold in memory; the rest is fetched by smaller reads.
     max_read_bytes: int = 8 << 20
-    block_ms: int = 1_000
+    #: The longest a reader's blocking read waits for entries (it returns at once when they come;
+    #: a subscription's read also ends when a retry or a look for abandoned entries is due). An
+    #: idle reader costs one round trip per block, so a long block keeps an idle service quiet.
+    block_ms: int = 5_000
     backpressure: Mapping[str, int] = field(default_factory=dict)
     depth_refresh_ms: int = 1_000
     breaker_failure_threshold: int = 3

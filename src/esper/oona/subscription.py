@@ -226,10 +226,10 @@ class Subscription:
         if len(takeover.retries) >= 4 * self.policy.batch:
             await ctx.wait_stopping(takeover.until_next_retry_s() or self.link.config.block_ms / 1000)
             return  # hold back new work until failing entries drain
-        block_ms = self.link.config.block_ms
-        wait = takeover.until_next_retry_s()
-        if wait is not None:
-            block_ms = max(1, min(block_ms, int(wait * 1000) + 1))
+        # Block no longer than until the next retry is due or the next look for abandoned entries.
+        retry = takeover.until_next_retry_s()
+        wait = takeover.until_next_claim_s() if retry is None else min(retry, takeover.until_next_claim_s())
+        block_ms = max(1, min(self.link.config.block_ms, int(wait * 1000) + 1))
         redis = self.link.redis
         raw: Any = await self._read.read(
             lambda: redis.xreadgroup(

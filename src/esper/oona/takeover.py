@@ -73,6 +73,10 @@ class Takeover:
             return None
         return max(0.0, min(due for due, _ in self.retries.values()) - time.monotonic())
 
+    def until_next_claim_s(self) -> float:
+        """How long until :meth:`stale` looks again, so a blocking read does not outlast it."""
+        return max(0.0, self._next_claim - time.monotonic())
+
     async def own_pending(self, ctx: WorkerContext) -> AsyncIterator[list[Delivery]]:
         """Pages of entries pending for this consumer name, claimed back for this run."""
         redis = self.link.redis

@@ -45,7 +45,8 @@ from esper.weatherlight.supervisor import Supervisor
 from esper.weatherlight.workers import ControlPlaneWorkers
 
 _log = get_logger("esper.weatherlight")
-#: A consumer reads with a 1 s block, so an idle one progresses every second; a minute of silence is a wedge.
+#: A consumer reads with at most a 5 s block, so an idle one progresses at least that often; a
+#: minute of silence is a wedge.
 CONSUMER_HEARTBEAT_S = 60.0
 
 
