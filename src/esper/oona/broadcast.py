@@ -30,6 +30,7 @@ from redis.exceptions import NoPermissionError, ResponseError
 from esper.core.logs import get_logger
 from esper.core.worker import WorkerContext, unwrap
 from esper.oona.blocking import BlockingRead
+from esper.oona.deadline import HandlerDeadline
 from esper.oona.delivery import has_deferred
 from esper.oona.envelope import PAYLOAD, Accepted, Rejection, peek_message_type
 from esper.oona.link import REDIS_FAILURES, TRANSIENT, Link, honour_cancellation
@@ -76,6 +77,7 @@ class BroadcastReader:
         self._linger_s = max(0, linger_ms) / 1000
         self._scan = link.redis.register_script(SCAN_BROADCAST) if self.ignore_types else None
         self._ignored_args = sorted(self.ignore_types)
+        self._deadline = HandlerDeadline(link.config.delivery.handler_timeout_ms / 1000)
 
     async def run(self, ctx: WorkerContext) -> None:
         """Read until ``ctx.stopping``; started once positioned (nothing published later is missed)."""
@@ -86,6 +88,7 @@ class BroadcastReader:
                 try:
                     await self._serve(ctx, reader)
                 finally:
+                    self._deadline.close()
                     helper.cancel()
         except BaseExceptionGroup as failure:
             raise unwrap(failure) from None
@@ -230,9 +233,8 @@ class BroadcastReader:
     async def _handle(self, item: Accepted) -> None:
         message, metrics = item.message, self.link.metrics
         started = time.perf_counter()
-        timeout = self.link.config.delivery.handler_timeout_ms / 1000
         try:
-            async with asyncio.timeout(timeout):
+            async with self._deadline:
                 produced = await self.handler(message)
         except RejectMessage as refusal:
             metrics.on_rejected(self.stream, refusal.reason)

@@ -22,7 +22,6 @@ their own side effects idempotent.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -32,6 +31,7 @@ from esper.core.logs import get_logger
 from esper.oona import envelope
 from esper.oona.commit import Ack, CommitItem, DeadLetter, Done, SignedReply
 from esper.oona.config import DeliveryPolicy
+from esper.oona.deadline import HandlerDeadline
 from esper.oona.envelope import Accepted, Rejection
 from esper.oona.link import Link
 from esper.oona.messages import Handler, OonaMessage, RejectMessage, RejectReason, Reply
@@ -90,7 +90,9 @@ class Dispatcher:
         if fields is None:  # deleted while pending: nothing left to do
             return Ack(entry_id)
         metrics = self.link.metrics
-        outcome = self.link.verify(self.stream, entry_id, fields, self._expected)
+        outcome = self.link.verify(
+            self.stream, entry_id, fields, self._expected, attempt=attempt, group=self.group
+        )
         if isinstance(outcome, Rejection):
             return self.dead_letter(entry_id, fields, outcome.reason, outcome.detail)
         if outcome.target_group is not None and outcome.target_group != self.group:
@@ -147,12 +149,15 @@ class Dispatcher:
     # -- the handler ----------------------------------------------------------------------
 
     async def handle(
-        self, accepted: Accepted, fields: Mapping[bytes, bytes], attempt: int
+        self, accepted: Accepted, fields: Mapping[bytes, bytes], deadline: HandlerDeadline
     ) -> CommitItem | Retry:
-        """Run the handler once for this delivery and turn what happened into an outcome."""
-        message = _with_delivery(accepted.message, attempt, self.group)
+        """Run the handler once for this delivery, under ``deadline`` (one per task), and decide.
+
+        ``accepted`` comes from :meth:`screen` for this same delivery, so its message already
+        carries ``attempt`` and this group.
+        """
+        message = accepted.message
         metrics = self.link.metrics
-        deadline = asyncio.timeout(self.policy.handler_timeout_ms / 1000)
         started = time.perf_counter()
         try:
             async with deadline:
@@ -216,16 +221,3 @@ class Dispatcher:
             )
             out.append(SignedReply(c.route(reply.message_type, reply.priority), fields))
         return tuple(out)
-
-
-def _with_delivery(message: OonaMessage, attempt: int, group: str) -> OonaMessage:
-    return OonaMessage(
-        stream=message.stream,
-        entry_id=message.entry_id,
-        message_type=message.message_type,
-        payload=message.payload,
-        attributes=message.attributes,
-        attempt=attempt,
-        kid=message.kid,
-        group=group,
-    )

@@ -142,8 +142,13 @@ def verify_entry(
     now: int,
     freshness_window_ms: int,
     max_payload_bytes: int,
+    attempt: int = 1,
+    group: str | None = None,
 ) -> Accepted | Rejection:
-    """Run every check that needs no Redis; ``now`` is the reader's clock in ms. Never raises."""
+    """Run every check that needs no Redis; ``now`` is the reader's clock in ms. Never raises.
+
+    ``attempt`` and ``group`` describe this delivery and are passed on to the handler's message.
+    """
     payload = fields.get(PAYLOAD)
     if payload is None:
         return Rejection(RejectReason.MALFORMED, "entry has no payload field")
@@ -184,7 +189,9 @@ def verify_entry(
         message_type=message_type,
         payload=envelope.payload,
         attributes=attrs,
+        attempt=attempt,
         kid=kid,
+        group=group,
     )
     return Accepted(message, replay_key, attrs.get(TARGET_GROUP) or None, issued)
 

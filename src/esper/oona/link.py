@@ -129,7 +129,14 @@ class Link:
     signature_hint: SignatureHint = field(default_factory=SignatureHint)
 
     def verify(
-        self, stream: str, entry_id: str, fields: Mapping[bytes, bytes], expected_types: frozenset[int]
+        self,
+        stream: str,
+        entry_id: str,
+        fields: Mapping[bytes, bytes],
+        expected_types: frozenset[int],
+        *,
+        attempt: int = 1,
+        group: str | None = None,
     ) -> Accepted | Rejection:
         """Every check of a consumed entry that needs no Redis, against this reader's clock now."""
         c = self.config
@@ -142,6 +149,8 @@ class Link:
             now=now_ms(),
             freshness_window_ms=c.freshness_window_ms,
             max_payload_bytes=c.max_payload_bytes,
+            attempt=attempt,
+            group=group,
         )
         if isinstance(outcome, Rejection):
             self.metrics.on_rejected(stream, outcome.reason.value)

@@ -39,6 +39,7 @@ from esper.oona import envelope
 from esper.oona.blocking import BlockingRead
 from esper.oona.commit import Ack, CommitItem, CommitTarget, Committer, DeadLetter, Done
 from esper.oona.config import DeliveryPolicy
+from esper.oona.deadline import HandlerDeadline
 from esper.oona.delivery import Dispatcher, Retry, has_deferred
 from esper.oona.envelope import Accepted
 from esper.oona.link import REDIS_FAILURES, TRANSIENT, Link, honour_cancellation
@@ -116,6 +117,7 @@ class Subscription:
         self._recover = True
         self._backoff_s = config.reconnect_base_ms / 1000
         self._read = BlockingRead()
+        self._deadline = HandlerDeadline(self.policy.handler_timeout_ms / 1000)
 
     @property
     def name(self) -> str:
@@ -134,6 +136,7 @@ class Subscription:
                 try:
                     await self._serve(ctx)
                 finally:
+                    self._deadline.close()
                     for task in helpers:
                         task.cancel()
         except BaseExceptionGroup as failure:
@@ -249,7 +252,7 @@ class Subscription:
             return
         self.takeover.hold([entry_id for entry_id, _f, _a in deliveries])
         items: list[CommitItem] = []
-        runnable: list[tuple[Accepted, Mapping[bytes, bytes], int]] = []
+        runnable: list[tuple[Accepted, Mapping[bytes, bytes]]] = []
         alone: list[tuple[str, int]] = []
         for entry_id, fields, attempt in deliveries:
             if fields is not None and has_deferred(fields):
@@ -257,11 +260,11 @@ class Subscription:
                 continue
             outcome = self.dispatcher.screen(entry_id, fields, attempt)
             if isinstance(outcome, Accepted):
-                runnable.append((outcome, fields or {}, attempt))
+                runnable.append((outcome, fields or {}))
             else:
                 items.append(outcome)
-        seen = [self.dispatcher.seen_here(accepted) for accepted, _f, _a in runnable]
-        for (accepted, fields_, _attempt), copy in zip(runnable, seen, strict=True):
+        seen = [self.dispatcher.seen_here(accepted) for accepted, _f in runnable]
+        for (accepted, fields_), copy in zip(runnable, seen, strict=True):
             if copy:
                 items.append(self.dispatcher.replayed(accepted, fields_))
         runnable = [r for r, copy in zip(runnable, seen, strict=True) if not copy]
@@ -275,12 +278,12 @@ class Subscription:
     async def _handle_serially(
         self,
         ctx: WorkerContext,
-        runnable: list[tuple[Accepted, Mapping[bytes, bytes], int]],
+        runnable: list[tuple[Accepted, Mapping[bytes, bytes]]],
         items: list[CommitItem],
     ) -> None:
         first_waiting: float | None = time.monotonic() if items else None
-        for accepted, fields, attempt in runnable:
-            outcome = await self._handle(accepted, fields, attempt)
+        for accepted, fields in runnable:
+            outcome = await self._handle(accepted, fields, self._deadline)
             ctx.progress()
             if isinstance(outcome, Retry):
                 continue
@@ -295,15 +298,19 @@ class Subscription:
     async def _handle_concurrently(
         self,
         ctx: WorkerContext,
-        runnable: list[tuple[Accepted, Mapping[bytes, bytes], int]],
+        runnable: list[tuple[Accepted, Mapping[bytes, bytes]]],
         items: list[CommitItem],
     ) -> None:
         limit = asyncio.Semaphore(self.policy.concurrency)
         self._queue.extend(items)
 
-        async def one(accepted: Accepted, fields: Mapping[bytes, bytes], attempt: int) -> None:
-            async with limit:
-                outcome = await self._handle(accepted, fields, attempt)
+        async def one(accepted: Accepted, fields: Mapping[bytes, bytes]) -> None:
+            deadline = HandlerDeadline(self._deadline.timeout_s)  # one per task
+            try:
+                async with limit:
+                    outcome = await self._handle(accepted, fields, deadline)
+            finally:
+                deadline.close()
             ctx.progress()
             if not isinstance(outcome, Retry):
                 self._queue.append(outcome)
@@ -331,9 +338,9 @@ class Subscription:
             self._committing = False
 
     async def _handle(
-        self, accepted: Accepted, fields: Mapping[bytes, bytes], attempt: int
+        self, accepted: Accepted, fields: Mapping[bytes, bytes], deadline: HandlerDeadline
     ) -> CommitItem | Retry:
-        outcome = await self.dispatcher.handle(accepted, fields, attempt)
+        outcome = await self.dispatcher.handle(accepted, fields, deadline)
         if isinstance(outcome, Retry):
             self.takeover.retry_later(outcome.entry_id, outcome.due, outcome.attempt)
         return outcome
