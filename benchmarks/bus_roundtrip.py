@@ -1,15 +1,18 @@
 """Raw Redis Streams versus Oona's signed, verified bus on one private server, in the same run.
 
 Raw: XADD → XREADGROUP → XACK. Oona: publish (envelope, HMAC, XADD) → subscription (XREADGROUP,
-verification, the replay-key read, the handler) → commit (replay claim + XACK in one script).
-Both use identically configured redis-py clients (Oona's connection factory) and the same batch
-size and block time. A round trip is timed from the publish call until the consumer's ack has
-returned (raw: XACK; Oona: the commit, reported by ``on_committed``).
+verification, the handler under its deadline) → commit (replies, replay claim and XACK in one
+script). Both use identically configured redis-py clients (Oona's connection factory) and the
+same batch size and block time. A round trip is timed from the publish call until the
+consumer's ack has returned (raw: XACK; Oona: the commit, reported by ``on_committed``).
 
-The two alternate for BENCH_ROUNDS rounds (default 3) on a flushed server, and the ratios are the
-medians of each round's ratio, so a slow spell of a shared machine lands on both sides.
+Both pipelines run side by side (each on its own stream) and take turns in short chunks: serial
+round trips in chunks of ``CHUNK`` messages, then bursts of ``CHUNK`` messages with ``IN_FLIGHT``
+publishers. A slow spell of a shared machine then lands on both sides instead of on whichever
+ran at the time, so the ratios hold still from run to run even where single timings do not.
 
-Run: .venv/bin/python benchmarks/bus_roundtrip.py   (last line is JSON; BENCH_N messages, default 5000)
+Run: .venv/bin/python benchmarks/bus_roundtrip.py   (last line is JSON; BENCH_N messages per
+pipeline and measure, default 5000)
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis.asyncio as aioredis
@@ -33,7 +38,8 @@ from esper.oona.connection import connect
 from esper.security.signing import KeyRing
 
 N = int(os.environ.get("BENCH_N", "5000"))
-ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+CHUNK = 250
+WARM_UP = 200
 BATCH = 100
 IN_FLIGHT = 48
 BLOCK_MS = 200
@@ -53,10 +59,47 @@ def _config(instance: str) -> StreamConfig:
     )
 
 
-async def _raw_consumer(
-    redis: aioredis.Redis, stream: str, on_message: Callable[[], None], stop: asyncio.Event
-) -> None:
-    while not stop.is_set():
+@dataclass
+class Pipeline:
+    """One publish path and its consumer; ``arrived`` gets one item per acknowledged message."""
+
+    name: str
+    publish: Callable[[], Awaitable[object]]
+    arrived: asyncio.Queue[None] = field(default_factory=asyncio.Queue)
+    latencies_ms: list[float] = field(default_factory=list)
+    burst_s: float = 0.0
+    burst_messages: int = 0
+    sent: int = 0
+
+    async def serial(self, count: int, *, record: bool = True) -> None:
+        self.sent += count
+        for _ in range(count):
+            start = time.perf_counter()
+            await self.publish()
+            await self.arrived.get()
+            if record:
+                self.latencies_ms.append((time.perf_counter() - start) * 1000)
+
+    async def burst(self, count: int) -> None:
+        limit = asyncio.Semaphore(IN_FLIGHT)
+
+        async def one() -> None:
+            async with limit:
+                await self.publish()
+
+        self.sent += count
+        start = time.perf_counter()
+        async with asyncio.TaskGroup() as group:
+            for _ in range(count):
+                group.create_task(one())
+        for _ in range(count):
+            await self.arrived.get()
+        self.burst_s += time.perf_counter() - start
+        self.burst_messages += count
+
+
+async def _raw_consumer(redis: aioredis.Redis, stream: str, arrived: asyncio.Queue[None]) -> None:
+    while True:
         reply = await redis.xreadgroup(GROUP, "raw-0", {stream: ">"}, count=BATCH, block=BLOCK_MS)
         for _stream, entries in reply or []:
             ids = []
@@ -65,119 +108,98 @@ async def _raw_consumer(
                 ids.append(entry_id)
             await redis.xack(stream, GROUP, *ids)
             for _ in ids:
-                on_message()
+                arrived.put_nowait(None)
 
 
-async def _drive(
-    publish: Callable[[int], Awaitable[object]], arrived: asyncio.Queue[float]
-) -> tuple[float, float]:
-    """(p50 one-at-a-time latency in ms, throughput msgs/s with IN_FLIGHT publishers)."""
-    latencies = []
-    for i in range(N):
-        start = time.perf_counter()
-        await publish(i)
-        await arrived.get()
-        latencies.append((time.perf_counter() - start) * 1000)
-    limit = asyncio.Semaphore(IN_FLIGHT)
-
-    async def one(i: int) -> None:
-        async with limit:
-            await publish(i)
-
-    start = time.perf_counter()
-    async with asyncio.TaskGroup() as group:
-        for i in range(N):
-            group.create_task(one(i))
-    for _ in range(N):
-        await arrived.get()
-    return statistics.median(latencies), N / (time.perf_counter() - start)
-
-
-async def bench_raw(url: str) -> tuple[float, float]:
+@asynccontextmanager
+async def raw_pipeline(url: str) -> AsyncIterator[Pipeline]:
     stream = "raw.bench"
     pub, sub = connect(url, _config("raw-pub")), connect(url, _config("raw-0"))
     await pub.xgroup_create(stream, GROUP, id="0", mkstream=True)
-    arrived: asyncio.Queue[float] = asyncio.Queue()
-    stop = asyncio.Event()
-    async with asyncio.TaskGroup() as group:
-        group.create_task(_raw_consumer(sub, stream, lambda: arrived.put_nowait(time.perf_counter()), stop))
 
-        async def publish(i: int) -> None:
-            await pub.xadd(stream, {b"payload": BODY})
+    async def publish() -> None:
+        await pub.xadd(stream, {b"payload": BODY})
 
-        result = await _drive(publish, arrived)
-        stop.set()
-    await pub.aclose()
-    await sub.aclose()
-    return result
+    pipeline = Pipeline("raw", publish)
+    consumer = asyncio.create_task(_raw_consumer(sub, stream, pipeline.arrived))
+    try:
+        yield pipeline
+    finally:
+        consumer.cancel()
+        await asyncio.gather(consumer, return_exceptions=True)
+        await pub.aclose()
+        await sub.aclose()
 
 
-async def bench_oona(url: str) -> tuple[float, float]:
+@asynccontextmanager
+async def oona_pipeline(url: str) -> AsyncIterator[Pipeline]:
     ring = KeyRing(SECRET)
     pub, sub = OonaClient(url, _config("oona-pub"), ring), OonaClient(url, _config("oona-0"), ring)
-    arrived: asyncio.Queue[float] = asyncio.Queue()
 
     async def handler(message: OonaMessage) -> None:
         _ = message.payload
 
+    async def publish() -> None:
+        result = await pub.publish(CMD, BODY)
+        assert result.ok, result
+
+    pipeline = Pipeline("oona", publish)
+
     def committed(ids: list[str]) -> None:
         for _ in ids:
-            arrived.put_nowait(time.perf_counter())
+            pipeline.arrived.put_nowait(None)
 
     subscription = sub.subscribe("oona.normal", GROUP, handler, types={CMD}, on_committed=committed)
-    async with running(subscription.run, "bench"):
+    try:
+        async with running(subscription.run, "bench"):
+            yield pipeline
+        handled = sub.metrics_snapshot().get("consumed.oona.normal")
+        assert handled == pipeline.sent, f"handled {handled} of {pipeline.sent}"
+    finally:
+        await pub.aclose()
+        await sub.aclose()
 
-        async def publish(i: int) -> None:
-            result = await pub.publish(CMD, BODY)
-            assert result.ok, result
 
-        result = await _drive(publish, arrived)
-    snap = sub.metrics_snapshot()
-    assert snap.get("consumed.oona.normal") == 2 * N, snap
-    await pub.aclose()
-    await sub.aclose()
-    return result
+async def measure(url: str) -> tuple[Pipeline, Pipeline]:
+    async with raw_pipeline(url) as raw, oona_pipeline(url) as oona:
+        pair = (raw, oona)
+        for pipeline in pair:
+            await pipeline.serial(WARM_UP, record=False)
+        done = 0
+        while done < N:
+            count = min(CHUNK, N - done)
+            for pipeline in pair:
+                await pipeline.serial(count)
+            for pipeline in pair:
+                await pipeline.burst(count)
+            done += count
+            if done % 1000 == 0 or done == N:
+                print(f"{done}/{N} messages per pipeline and measure", flush=True)
+        return raw, oona
 
 
 async def main() -> None:
-    rounds: list[tuple[float, float, float, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         server = RedisServer(ServerOptions(data_dir=Path(tmp)))
         server.start()
-        admin = connect(server.url, _config("bench-admin"))
         try:
-            print(
-                f"server on port {server.port}; {N} messages of ~{len(BODY)} bytes, {ROUNDS} rounds",
-                flush=True,
-            )
-            for number in range(1, ROUNDS + 1):
-                await admin.flushall()
-                raw_p50, raw_rate = await bench_raw(server.url)
-                await admin.flushall()
-                oona_p50, oona_rate = await bench_oona(server.url)
-                print(
-                    f"round {number}: raw p50 {raw_p50:.3f} ms, {raw_rate:,.0f} msgs/s; "
-                    f"oona p50 {oona_p50:.3f} ms, {oona_rate:,.0f} msgs/s",
-                    flush=True,
-                )
-                rounds.append((raw_p50, oona_p50, raw_rate, oona_rate))
+            print(f"server on port {server.port}; {N} messages of ~{len(BODY)} bytes, chunks of {CHUNK}")
+            raw, oona = await measure(server.url)
         finally:
-            await admin.aclose()
             server.stop()
-
-    def median(column: int) -> float:
-        return statistics.median(r[column] for r in rounds)
-
+    p50 = {p.name: statistics.median(p.latencies_ms) for p in (raw, oona)}
+    rate = {p.name: p.burst_messages / p.burst_s for p in (raw, oona)}
+    for name in ("raw", "oona"):
+        print(f"{name:4s}: p50 {p50[name]:.3f} ms, {rate[name]:,.0f} msgs/s", flush=True)
     print(
         json.dumps(
             {
-                "raw_p50_ms": round(median(0), 4),
-                "oona_p50_ms": round(median(1), 4),
-                "p50_ratio": round(statistics.median(r[1] / r[0] for r in rounds), 3),
-                "raw_msgs_per_s": round(median(2), 1),
-                "oona_msgs_per_s": round(median(3), 1),
-                "throughput_ratio": round(statistics.median(r[3] / r[2] for r in rounds), 3),
-                "rounds": ROUNDS,
+                "raw_p50_ms": round(p50["raw"], 4),
+                "oona_p50_ms": round(p50["oona"], 4),
+                "p50_ratio": round(p50["oona"] / p50["raw"], 3),
+                "raw_msgs_per_s": round(rate["raw"], 1),
+                "oona_msgs_per_s": round(rate["oona"], 1),
+                "throughput_ratio": round(rate["oona"] / rate["raw"], 3),
             }
         )
     )
