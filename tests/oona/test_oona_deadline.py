@@ -18,6 +18,42 @@ async def test_a_body_that_overruns_ends_in_timeout_error() -> None:
         async with deadline:
             await never.wait()
     assert deadline.expired()
+    task = asyncio.current_task()
+    assert task is not None
+    assert task.cancelling() == 0  # its cancellation was taken back
+    deadline.close()
+
+
+async def test_a_body_after_an_idle_spell_longer_than_the_timeout_still_times_out() -> None:
+    deadline = HandlerDeadline(TIMEOUT_S)
+    async with deadline:
+        pass
+    fired = asyncio.Event()
+    asyncio.get_running_loop().call_later(TIMEOUT_S * 2, fired.set)
+    await fired.wait()  # the timer armed above has fired meanwhile, with no body running
+    with pytest.raises(TimeoutError):
+        async with deadline:
+            await asyncio.Event().wait()
+    deadline.close()
+
+
+def test_a_deadline_left_armed_by_an_ended_event_loop_still_works_in_the_next() -> None:
+    deadline = HandlerDeadline(TIMEOUT_S)
+
+    async def quick() -> None:
+        async with deadline:
+            pass  # leaves a timer scheduled on this loop, which then ends
+
+    async def hangs() -> bool:
+        try:
+            async with deadline:
+                await asyncio.Event().wait()
+        except TimeoutError:
+            return True
+        return False
+
+    asyncio.run(quick())
+    assert asyncio.run(asyncio.wait_for(hangs(), 10 * TIMEOUT_S))
     deadline.close()
 
 

@@ -38,6 +38,7 @@ class HandlerDeadline:
         self._task: asyncio.Task[object] | None = None
         self._cancelling = 0
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
 
     def expired(self) -> bool:
         """Whether the last body ran out of time."""
@@ -54,8 +55,8 @@ class HandlerDeadline:
         self._cancelling = task.cancelling()
         self._state = _State.RUNNING
         self._due = due = loop.time() + self.timeout_s
-        if self._timer is None:
-            self._timer = loop.call_at(due, self._fire)
+        if self._timer is None or self._timer_loop is not loop:  # (a timer of an ended loop never fires)
+            self._timer, self._timer_loop = loop.call_at(due, self._fire), loop
         return self
 
     async def __aexit__(
@@ -65,9 +66,9 @@ class HandlerDeadline:
         tb: TracebackType | None,
     ) -> None:
         self._due = None
+        task, self._task = self._task, None  # keep no finished task (and its frames) alive
         if self._state is _State.EXPIRING:
             self._state = _State.EXPIRED
-            task = self._task
             ours = task is not None and task.uncancel() <= self._cancelling
             if ours and exc_type is asyncio.CancelledError:
                 raise TimeoutError from exc
@@ -90,4 +91,4 @@ class HandlerDeadline:
         """Drop the pending timer (when the task that used this deadline ends)."""
         if self._timer is not None:
             self._timer.cancel()
-            self._timer = None
+        self._timer = self._timer_loop = None
