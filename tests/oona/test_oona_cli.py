@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +30,7 @@ from oona_helpers import (
     now_ms,
     signed,
 )
-from security._service import LIMIT_S, Service, clean_env, run
+from security._service import BIN, LIMIT_S, Service, clean_env, run
 
 from esper.core.redis_server import embedded_url, free_port
 from esper.core.worker import running
@@ -377,3 +378,26 @@ def test_after_config_init_esper_oona_works_from_that_directory(tmp_path: Path) 
         assert "no dead letter 1-1" in one_line(missing.stderr)
     finally:
         assert service.stop() == 0, service.output
+
+
+def test_a_reader_that_stops_reading_is_not_reported_as_an_unreachable_bus(
+    tmp_path: Path, redis_url: str
+) -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # like `| head -0`: every write to stdout fails with EPIPE
+    try:
+        done = subprocess.run(
+            [str(BIN / "esper-oona"), "streams"],
+            env={**clean_env(), "REDIS_URL": redis_url},
+            cwd=tmp_path,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert done.returncode == 0, done.stderr
+    assert "cannot reach" not in done.stderr
+    assert "Traceback" not in done.stderr

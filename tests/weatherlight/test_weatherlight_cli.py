@@ -81,6 +81,28 @@ def test_check_lists_every_problem_and_never_prints_a_secret(tmp_path: Path) -> 
     assert "Traceback" not in output
 
 
+@pytest.mark.parametrize("start", [("--check",), ()], ids=["check", "start"])
+def test_an_unusable_var_dir_or_cluster_is_a_listed_problem_not_a_traceback(
+    tmp_path: Path, start: tuple[str, ...]
+) -> None:
+    var_file = tmp_path / "var-is-a-file"
+    var_file.write_text("a file where the var dir should be")
+    locked_dir = tmp_path / "lock-is-a-dir"
+    (locked_dir / "weatherlight.lock").mkdir(parents=True)
+    cluster = "redis+cluster://:pw-must-not-leak@127.0.0.1:1,127.0.0.1:2"
+    for extra, expected in (
+        ({"ESPER_VAR_DIR": str(var_file)}, "ESPER_VAR_DIR"),
+        ({"ESPER_VAR_DIR": str(locked_dir)}, "ESPER_VAR_DIR: cannot use the lock file"),
+        ({"REDIS_URL": cluster}, "is unreachable"),
+    ):
+        done = run_cli(base_env(tmp_path, **extra), tmp_path, *start)
+        output = done.stdout + done.stderr
+        assert done.returncode == 2, output
+        assert expected in done.stderr
+        assert "Traceback" not in output
+        assert "pw-must-not-leak" not in output
+
+
 # ------------------------------------------------------------------------ signals
 
 

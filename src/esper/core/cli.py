@@ -4,7 +4,8 @@ Every console script runs its body through ``run_main`` so that a bad or
 missing setting prints one line naming the variable and exits with status 2
 instead of a traceback (and never prints a secret value). An unexpected
 failure still exits 1 with its traceback, but the traceback is printed with
-URL passwords masked.
+URL passwords masked. A reader that stops reading our output early (``| head``)
+is no failure: the command ends quietly with status 0.
 
 ``esper-config`` shows the resolved settings (secrets masked) and, with
 ``init``, writes the ``.env`` every process in the directory shares.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -38,6 +40,10 @@ def run_main(body: Callable[[], int]) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except BrokenPipeError:
+        # Point stdout at /dev/null, or the interpreter's last flush would fail on the pipe again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception:  # noqa: BLE001 - reported in full (masked) and turned into the exit status
         print(mask_url(traceback.format_exc()), file=sys.stderr, end="")
         return EXIT_FAILURE

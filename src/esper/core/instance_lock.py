@@ -10,8 +10,10 @@ inherit it and cannot keep it held after the service is gone.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import stat
 from pathlib import Path
 from types import TracebackType
 
@@ -78,7 +80,8 @@ def ensure_free(var_dir: Path) -> None:
     """Raise :class:`AlreadyRunning` when a live service holds ``var_dir``'s lock.
 
     A probe for ``--check``: it takes the lock for an instant when it is free
-    and never creates the var dir.
+    and never creates the var dir. ``OSError`` when the lock file could not be
+    used (the var dir is a file, or the lock path is not a regular file).
     """
     path = Path(var_dir) / LOCK_NAME
     try:
@@ -86,6 +89,8 @@ def ensure_free(var_dir: Path) -> None:
     except FileNotFoundError:
         return
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EISDIR, "not a regular file", str(path))
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:

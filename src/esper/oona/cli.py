@@ -340,6 +340,8 @@ def oona_main(argv: Sequence[str] | None = None) -> int:
         async with open_bus(settings, url) as bus:
             try:
                 return await _command(args, bus, keyring)
+            except BrokenPipeError:
+                raise  # whoever read our output went away (e.g. `| head`): not the bus
             except _BUS_FAILURES as exc:
                 raise _bus_failure(exc, settings, url) from None
 

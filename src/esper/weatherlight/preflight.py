@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis.asyncio as aioredis
+from redis.exceptions import AuthenticationError, NoPermissionError, RedisClusterException
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -54,7 +55,10 @@ async def check_redis(url: str, timeout_s: float = 3.0) -> str | None:
         return f"REDIS_URL {mask_url(url)} is not usable: {exc}"
     try:
         await asyncio.wait_for(client.ping(), timeout_s)
-    except (OSError, TimeoutError, aioredis.RedisError) as exc:
+    except (AuthenticationError, NoPermissionError) as exc:
+        where = mask_url(url)
+        return f"Redis at {where} refused the login ({type(exc).__name__}): check the user and password"
+    except (OSError, TimeoutError, aioredis.RedisError, RedisClusterException) as exc:
         return f"Redis at {mask_url(url)} is unreachable ({type(exc).__name__})"
     finally:
         await client.aclose()
@@ -116,6 +120,9 @@ def check_instance(var_dir: Path) -> str | None:
         ensure_free(var_dir)
     except AlreadyRunning as exc:
         return f"ESPER_VAR_DIR: another esper-weatherlight-service is {exc}"
+    except OSError as exc:  # e.g. the var dir is a file, or the lock file a directory
+        why = exc.strerror or type(exc).__name__
+        return f"ESPER_VAR_DIR: cannot use the lock file under {var_dir} ({why})"
     return None
 
 
