@@ -9,7 +9,7 @@ only after the service began to boot.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,8 +23,10 @@ from _service_support import (
     http_get,
     make_settings,
     metric,
+    read_new,
     serving,
     status_of,
+    weatherlight_packets,
     worker_view,
 )
 
@@ -212,3 +214,59 @@ def test_notify_socket_alone_means_no_watchdog_worker(tmp_path: Path, redis_url:
     watched = WeatherlightService(settings, notifier=SdNotifier(env), registry=None)
     [spec] = [s for s in watched.specs() if s.name == "sd_watchdog"]
     assert spec.required is False
+
+
+Body = Callable[[WorkerContext], Awaitable[None]]
+
+
+class HeldLastStepService(WeatherlightService):
+    """The real service whose last boot step (housekeeping) starts only once ``release`` is set."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.release = asyncio.Event()
+
+    def specs(self) -> list[WorkerSpec]:
+        return [replace(s, run=self._held(s.run)) if s.name == "housekeeping" else s for s in super().specs()]
+
+    def _held(self, run: Body) -> Body:
+        async def body(ctx: WorkerContext) -> None:
+            await self.release.wait()
+            await run(ctx)
+
+        return body
+
+
+async def test_no_telemetry_reports_the_service_down_while_later_boot_steps_start(
+    tmp_path: Path, redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    service = HeldLastStepService(make_settings(tmp_path, redis_url), backoff=FAST)
+    boot = asyncio.create_task(service.start())
+    try:
+
+        async def telemetry_running() -> bool:
+            names = [w["name"] for w in service.supervisor.snapshot()["workers"]]
+            return "telemetry" in names and worker_view(await status_of(service), "telemetry")["status"] == (
+                "running"
+            )
+
+        await eventually(telemetry_running, "the telemetry worker running while boot waits for housekeeping")
+        assert not boot.done()
+        service.release.set()
+        await asyncio.wait_for(boot, LIMIT_S)
+        packets: list[L.TelemetryPacket] = []
+        last = {"oona.telemetry": "0", "oona.emergency": "0"}
+        while not packets:  # every packet so far, from both streams (an urgent one goes to emergency)
+            for stream in last:
+                last[stream], entries = await read_new(redis_client, stream, last[stream], block_ms=200)
+                packets += weatherlight_packets(entries)
+        for packet in packets:
+            assert packet.system_health.status != L.HEALTH_STATUS_UNHEALTHY, packet.system_health.summary
+            assert "required_path_down" not in [event.description for event in packet.events]
+    finally:
+        service.release.set()
+        if not boot.done():
+            boot.cancel()
+        await asyncio.gather(boot, return_exceptions=True)
+        if service.supervisor.result is None:
+            await service.stop()

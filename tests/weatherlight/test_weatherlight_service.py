@@ -66,11 +66,6 @@ def _isolated(isolated_env: Path) -> None:
     """No ESPER_* variables or .env from the caller leak into the settings under test."""
 
 
-@pytest.fixture(autouse=True)
-def _isolated(isolated_env: Path) -> None:
-    """No ESPER_* variables or .env from the caller leak into the settings under test."""
-
-
 # ------------------------------------------------------------------- boot and stop
 
 

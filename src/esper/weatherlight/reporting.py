@@ -77,6 +77,9 @@ class Reporting:
 
     async def publish_telemetry(self, ctx: WorkerContext | None = None) -> None:
         """Publish the service packet and Oona's, then forward Kasmina's at their own priority."""
+        # A packet sent while later boot steps still start would report the service down
+        # ("workers: booting") though nothing is wrong: the first one waits for the end of boot.
+        await self.supervisor.wait_booted()
         client = self.live.service_client
         if client is None:
             _log.warning("weatherlight.telemetry_skipped", reason="oona is not connected")

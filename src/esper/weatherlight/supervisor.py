@@ -49,6 +49,7 @@ class Supervisor:
         self._stop_reason: str | None = None
         self._stopping = False
         self._booted = False
+        self._boot_done = asyncio.Event()
         self._started_mono = time.monotonic()
         self._abandoned: set[asyncio.Task[None]] = set()
         self._stop_fut: asyncio.Future[None] | None = None
@@ -101,6 +102,7 @@ class Supervisor:
                 await self.shutdown(self.boot_abort_deadline_s)
                 raise BootError(reason)
         self._booted = True
+        self._boot_done.set()
 
     def _boot_failure(self, w: WorkerRunner) -> str:
         if self._stop_reason is not None:
@@ -224,6 +226,10 @@ class Supervisor:
     @property
     def booted(self) -> bool:
         return self._booted
+
+    async def wait_booted(self) -> None:
+        """Until every boot step has started (forever if boot fails: the waiter is then stopped)."""
+        await self._boot_done.wait()
 
     @property
     def abandoned(self) -> frozenset[asyncio.Task[None]]:
