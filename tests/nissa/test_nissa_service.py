@@ -267,7 +267,9 @@ def test_cli_help_and_config_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert "NISSA_HTTP_PORT" in bad.stderr
 
 
-def test_cli_serves_and_stops_on_sigterm(redis_url: str, tmp_path: Path) -> None:
+def test_cli_serves_stops_on_sigterm_and_takes_its_name_back_on_the_next_start(
+    redis_url: str, tmp_path: Path
+) -> None:
     import socket
     import urllib.request
 
@@ -278,29 +280,35 @@ def test_cli_serves_and_stops_on_sigterm(redis_url: str, tmp_path: Path) -> None
     env.update(
         ESPER_LEYLINE_SECRET="x" * 32, REDIS_URL=redis_url, NISSA_HTTP_PORT=str(port), ESP_LOG_FORMAT="json"
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from esper.nissa.cli import main; main()"],
-        env=env,
-        cwd=str(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:  # block on the process's own log, no sleeping
-            if "nissa ready" in line:
-                break
-        else:
-            pytest.fail("nissa exited before becoming ready")
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
-            assert json.loads(response.read())["status"] == "ok"
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    names = []
+    for _start in range(2):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from esper.nissa.cli import main; main()"],
+            env=env,
+            cwd=str(tmp_path),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:  # block on the process's own log, no sleeping
+                if '"oona.instance_leased"' in line:
+                    names.append(json.loads(line)["instance"])
+                if "nissa ready" in line:
+                    break
+            else:
+                pytest.fail("nissa exited before becoming ready")
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+                assert json.loads(response.read())["status"] == "ok"
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=15) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    # A clean stop releases the leased name, so a restart is the same series in Prometheus.
+    assert names == ["nissa-0", "nissa-0"]
 
 
 def test_cli_started_beside_the_service_finds_its_embedded_server_and_secret(tmp_path: Path) -> None:

@@ -68,6 +68,7 @@ async def serve(settings: EsperSettings, host: str, port: int) -> int:
     try:
         workers: dict[str, Worker] = {}
         instance = settings.oona_consumer_name
+        lease: InstanceLease | None = None
         if not instance:
             keys = KeySpace(hash_tag_for(url))
             lease = InstanceLease(lease_redis, "nissa", secrets.token_hex(16), keys=keys)
@@ -79,6 +80,10 @@ async def serve(settings: EsperSettings, host: str, port: int) -> int:
             await run_children(ctx, workers)
         finally:
             await client.aclose()
+            if lease is not None and ctx.stopping.is_set():
+                # A clean stop frees the name at once, so the next start takes it again instead of
+                # a new one (which would be a new ``instance`` label for the same Nissa).
+                await lease.release()
     except (RedisError, OSError) as exc:  # Redis unreachable at start, or the HTTP port is taken
         _log.error("nissa failed", bus=mask_url(url), error=bounded(f"{type(exc).__name__}: {exc}", 300))
         return 1
