@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -16,6 +17,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from esper.core.processes import terminate
 from esper.core.redis_server import (
     PIDFILE,
     RedisServer,
@@ -108,6 +110,19 @@ def test_a_real_orphan_is_found_by_its_pidfile_and_replaced(tmp_path: Path) -> N
     finally:
         server.stop()
     assert not (data / PIDFILE).exists()
+
+
+def test_a_frozen_orphan_is_ended_by_sigterm_without_waiting_for_the_sigkill_fallback(tmp_path: Path) -> None:
+    owner, orphan = start_owner(tmp_path / "d", free_port(), die_with_parent=False)
+    owner.kill()
+    owner.wait()
+    os.kill(orphan, signal.SIGSTOP)  # e.g. a frozen container: it acts on no signal until it runs
+    try:
+        assert terminate(orphan, 30.0)  # True: SIGTERM (with SIGCONT) was enough, no SIGKILL needed
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(orphan, signal.SIGKILL)
+    wait_gone(orphan)
 
 
 def test_a_recycled_pid_in_the_pidfile_is_left_alone_and_a_foreign_port_holder_is_named(

@@ -21,16 +21,24 @@ import signal
 _PR_SET_PDEATHSIG = 1
 
 
-def terminate(pid: int, timeout_s: float) -> None:
-    """SIGTERM, SIGKILL after ``timeout_s``; returns once the process is gone (child or not)."""
+def terminate(pid: int, timeout_s: float) -> bool:
+    """SIGTERM, SIGKILL after ``timeout_s``; returns once the process is gone (child or not).
+
+    SIGCONT follows the SIGTERM: a stopped process (``kill -STOP``, a frozen
+    container) acts on nothing until it runs again, and would otherwise cost
+    the whole timeout. True when SIGTERM was enough, False when it took SIGKILL.
+    """
     try:
         os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGCONT)
     except ProcessLookupError:
-        return
-    if not wait_exit_sync(pid, timeout_s):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        wait_exit_sync(pid, 5.0)
+        return True
+    if wait_exit_sync(pid, timeout_s):
+        return True
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    wait_exit_sync(pid, 5.0)
+    return False
 
 
 def _pidfd(pid: int) -> int | None:

@@ -14,11 +14,13 @@ import contextlib
 import os
 from pathlib import Path
 
+from esper.core.logs import get_logger
 from esper.core.ports import port_in_use
 from esper.core.processes import terminate
 from esper.core.redis_options import SERVER_NAMES, RedisServerError
 
 PIDFILE = "server.pid"
+_log = get_logger("esper.core.redis_server")
 
 
 def stale_server_pid(data_dir: Path, port: int) -> int | None:
@@ -46,7 +48,9 @@ def clear_stale(data_dir: Path, host: str, port: int) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     stale = stale_server_pid(data_dir, port)
     if stale is not None:
-        terminate(stale, 10.0)
+        _log.warning("stopping a server left by an earlier run", pid=stale, port=port, data_dir=str(data_dir))
+        if not terminate(stale, 10.0):
+            _log.warning("the server left by an earlier run ignored SIGTERM: killed", pid=stale)
     with contextlib.suppress(FileNotFoundError):
         (data_dir / PIDFILE).unlink()
     if port_in_use(host, port):
