@@ -77,9 +77,12 @@ def test_secrets_are_masked_everywhere(
         assert SECRET not in text
         assert OLD_SECRET not in text
     configure_logging("DEBUG", "json")
-    get_logger("test").info("settings", settings=settings.masked(), obj=settings)
-    logging.getLogger("stdlib").error("settings %r", settings)
-    logged = capsys.readouterr().err
+    try:
+        get_logger("test").info("settings", settings=settings.masked(), obj=settings)
+        logging.getLogger("stdlib").error("settings %r", settings)
+        logged = capsys.readouterr().err
+    finally:
+        configure_logging()  # the default again, so later tests see no debug lines
     assert logged.count("ESPER_LEYLINE_SECRET") == 1
     assert "leyline_secret" in logged
     assert SECRET not in logged
@@ -164,12 +167,28 @@ def _run_config(env: dict[str, str], cwd: Path, *args: str) -> subprocess.Comple
     )
 
 
-def test_cli_reports_bad_settings_without_traceback(isolated_env: Path) -> None:
-    result = _run_config({"ESPER_LEYLINE_SECRET": SECRET, "REDIS_URL": "nonsense"}, isolated_env)
+@pytest.mark.parametrize(
+    "url",
+    [
+        "nonsense",
+        f"redis://:{SECRET}@127.0.0.1:99999/0",
+        "redis://127.0.0.1:abc/0",
+        "redis+cluster://127.0.0.1:7000,127.0.0.1:x",
+    ],
+)
+def test_cli_reports_bad_settings_without_traceback(isolated_env: Path, url: str) -> None:
+    result = _run_config({"ESPER_LEYLINE_SECRET": SECRET, "REDIS_URL": url}, isolated_env)
     assert result.returncode == 2
     assert "REDIS_URL" in result.stderr
     assert "Traceback" not in result.stderr
     assert SECRET not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://[::1]/0", "redis://[::1]:6379/0", "redis+sentinel://:pw@h1:26379,h2:26380/main/0"]
+)
+def test_good_redis_urls_pass(isolated_env: Path, url: str) -> None:
+    assert EsperSettings(redis_url=url).redis_url == url
 
 
 def test_cli_missing_secret_exits_nonzero(isolated_env: Path) -> None:

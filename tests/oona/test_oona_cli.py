@@ -239,8 +239,8 @@ def test_looking_needs_no_secret_and_replaying_does(
 @pytest.mark.parametrize(
     ("url", "expected"),
     [
-        ("redis://127.0.0.1:99999/0", "REDIS_URL: Port out of range"),
-        ("redis://127.0.0.1:port/0", "REDIS_URL: Port could not be cast"),
+        ("redis://127.0.0.1:99999/0", "REDIS_URL: port '99999' is not a number from 1 to 65535"),
+        ("redis://127.0.0.1:port/0", "REDIS_URL: port 'port' is not a number from 1 to 65535"),
         ("http://127.0.0.1:6379/0", "REDIS_URL: must be a redis://"),
         ("redis+sentinel://127.0.0.1:26379", "REDIS_URL: redis+sentinel URL: name the service"),
     ],

@@ -154,6 +154,10 @@ class EsperSettings(BaseSettings):
                 raise ValueError(
                     "must be a redis://, rediss://, unix://, redis+sentinel:// or redis+cluster:// URL"
                 )
+            for node in parts.netloc.rpartition("@")[2].split(","):  # (after any password)
+                _host, colon, port = node.rpartition(":")
+                if colon and not node.endswith("]") and not (port.isdigit() and 0 < int(port) < 65536):
+                    raise ValueError(f"port {port[:20]!r} is not a number from 1 to 65535")
         return value
 
     @field_validator("urza_database_url")
