@@ -88,10 +88,9 @@ class Service:
     def wait_booted(self) -> None:
         listening = self.wait_for(lambda e: e.get("event") == "http server listening", "the probe port")
         self.port = int(listening["port"])
-        self.wait_for(
-            lambda e: e.get("event") == "worker started" and e.get("worker") == "housekeeping",
-            "the last worker's start",
-        )
+        ready = self.wait_for(lambda e: e.get("event") == "weatherlight.ready", "the end of boot")
+        assert ready["http_port"] == self.port
+        assert ready["instance"]
 
     def get(self, path: str) -> tuple[int, str]:
         try:

@@ -21,6 +21,7 @@ restart starts clean), what they built in
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -185,6 +186,7 @@ class WeatherlightService:
         Raises ``AlreadyRunning`` when another service holds the var dir.
         """
         self.lock.acquire()
+        started = time.monotonic()
         try:
             self.workers.set_up_embedded()
             await self.supervisor.start(self.specs())
@@ -192,6 +194,12 @@ class WeatherlightService:
             self.close()
             raise
         self.notifier.ready(status="ready")
+        _log.info(
+            "weatherlight.ready",
+            instance=self.live.instance,
+            http_port=self.http.port,
+            boot_s=round(time.monotonic() - started, 3),
+        )
 
     async def stop(self) -> ShutdownResult:
         self.notifier.stopping()
