@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -112,24 +109,3 @@ def series_of(samples: Samples, name: str, **labels: str) -> dict[tuple[tuple[st
 
 def label_values(samples: Samples, name: str, label: str, **labels: str) -> set[str]:
     return {dict(key).get(label, "") for key in series_of(samples, name, **labels)}
-
-
-async def http_get(port: int, path: str) -> tuple[int, str]:
-    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5.0)
-    try:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n".encode())
-        await writer.drain()
-        raw = await asyncio.wait_for(reader.read(), 10.0)
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):  # the server closed first; nothing left to flush
-            await writer.wait_closed()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body.decode()
-
-
-async def status_of(service: WeatherlightService) -> dict[str, Any]:
-    code, body = await http_get(service.http.port, "/status")
-    assert code == 200, body
-    data: dict[str, Any] = json.loads(body)
-    return data

@@ -12,7 +12,6 @@ import pytest
 import torch
 from _observability_support import (
     SECRET,
-    http_get,
     nissa,
     replica_settings,
     series_of,
@@ -20,6 +19,7 @@ from _observability_support import (
 )
 from _promql_names import ALERTS, DASHBOARDS, metric_names, panel_expressions, referenced, rule_expressions
 from prometheus_client.parser import text_string_to_metric_families
+from weatherlight._service_support import http_get
 
 from esper.kasmina import KasminaSeedManager
 from esper.leyline import leyline_pb2 as L
@@ -152,9 +152,9 @@ async def test_every_alert_and_panel_metric_is_emitted(
             )
 
         await live.watch.until(traffic_seen, "the test's traffic")
-        code, control_plane = await http_get(service.http.port, "/metrics")
+        code, control_plane = await http_get(service.http.port, "/metrics", timeout_s=10.0)
         assert code == 200
-        code, nissa_text = await http_get(live.service.port, "/metrics")
+        code, nissa_text = await http_get(live.service.port, "/metrics", timeout_s=10.0)
         assert code == 200
 
     declared, sampled = exposed(control_plane)

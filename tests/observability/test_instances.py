@@ -10,9 +10,9 @@ from _observability_support import (
     nissa,
     replica_settings,
     series_of,
-    status_of,
     weatherlight,
 )
+from weatherlight._service_support import status_of
 
 from esper.core.telemetry import INSTANCE_INDICATOR, packet_instance, stamp_instance
 from esper.leyline import leyline_pb2 as L

@@ -40,13 +40,13 @@ def make_settings(tmp_path: Path, redis_url: str, **overrides: Any) -> EsperSett
     return EsperSettings(**values)
 
 
-async def http_get(port: int, path: str) -> tuple[int, str]:
-    """One GET against the service's probe server: (status, body)."""
+async def http_get(port: int, path: str, *, timeout_s: float = 5.0) -> tuple[int, str]:
+    """One GET against a probe server (the service's or Nissa's): (status, body)."""
     reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5.0)
     try:
         writer.write(f"GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n".encode())
         await writer.drain()
-        raw = await asyncio.wait_for(reader.read(), 5.0)
+        raw = await asyncio.wait_for(reader.read(), timeout_s)
     finally:
         writer.close()
         with contextlib.suppress(OSError):  # the server closed first; nothing left to flush
@@ -57,7 +57,7 @@ async def http_get(port: int, path: str) -> tuple[int, str]:
 
 async def status_of(service: WeatherlightService) -> dict[str, Any]:
     code, body = await http_get(service.http.port, "/status")
-    assert code == 200
+    assert code == 200, body
     data: dict[str, Any] = json.loads(body)
     return data
 
