@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -19,6 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 import redis
 import redis.asyncio as aioredis
+from _postgres import private_schema
 
 from esper.core.redis_server import RedisServer, ServerOptions
 
@@ -112,18 +112,8 @@ def postgres_url() -> str:
 
 def _postgres_schema(url: str) -> Iterator[str]:
     """A private schema per test, dropped afterwards, so tests never see each other's rows."""
-    import psycopg
-
-    plain = url.replace("postgresql+psycopg://", "postgresql://", 1)
-    schema = f"esper_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(plain, autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA "{schema}"')
-    sep = "&" if "?" in plain else "?"
-    yield (
-        plain.replace("postgresql://", "postgresql+psycopg://", 1) + f"{sep}options=-csearch_path%3D{schema}"
-    )
-    with psycopg.connect(plain, autocommit=True) as conn:
-        conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+    with private_schema(url) as schema_url:
+        yield schema_url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -11,12 +11,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from _postgres import private_schema
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 
@@ -106,25 +105,6 @@ def _assert_one_schema(database_url: str) -> None:
         engine.dispose()
 
 
-@contextmanager
-def _fresh_postgres_schema(url: str) -> Iterator[str]:
-    import psycopg
-
-    plain = url.replace("postgresql+psycopg://", "postgresql://", 1)
-    schema = f"esper_boot_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(plain, autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA "{schema}"')
-    sep = "&" if "?" in plain else "?"
-    try:
-        yield (
-            plain.replace("postgresql://", "postgresql+psycopg://", 1)
-            + f"{sep}options=-csearch_path%3D{schema}"
-        )
-    finally:
-        with psycopg.connect(plain, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
-
-
 @pytest.mark.slow
 @pytest.mark.postgres
 def test_replicas_boot_at_once_on_an_empty_postgres_catalogue(tmp_path: Path, replicas: Replicas) -> None:
@@ -133,7 +113,7 @@ def test_replicas_boot_at_once_on_an_empty_postgres_catalogue(tmp_path: Path, re
         pytest.skip("ESPER_TEST_POSTGRES_URL is not set")
     failures: list[str] = []
     for n in range(ROUNDS):
-        with _fresh_postgres_schema(url) as database_url:
+        with private_schema(url, "esper_boot") as database_url:
             failures += [
                 f"round {n}: {f}" for f in replicas.open_at_once(tmp_path / f"artifacts-{n}", database_url)
             ]
@@ -161,7 +141,7 @@ def test_postgres_schema_step_waits_for_the_advisory_lock(tmp_path: Path) -> Non
         pytest.skip("ESPER_TEST_POSTGRES_URL is not set")
     import psycopg
 
-    with _fresh_postgres_schema(url) as database_url:
+    with private_schema(url, "esper_boot") as database_url:
         engine = make_engine(database_url)
         try:
             with psycopg.connect(url) as holder:
