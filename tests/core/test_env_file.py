@@ -8,20 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _environment import esper_free_env
 from dotenv import dotenv_values
 
 from esper.core.env_file import render
 from esper.core.settings import EsperSettings
 
 CONFIG = str(Path(sys.executable).with_name("esper-config"))
-_INHERITED = ("ESPER_", "OONA_", "URZA_", "TAMIYO_", "WEATHERLIGHT_", "KERNEL_", "ESP_", "NISSA_")
 
 
 def _env(**extra: str) -> dict[str, str]:
-    import os
-
-    env = {k: v for k, v in os.environ.items() if not (k.startswith(_INHERITED) or k == "REDIS_URL")}
-    return {**env, **extra}
+    return esper_free_env(**extra)
 
 
 def _config(cwd: Path, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:

@@ -8,7 +8,6 @@ first is noticed).
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -18,19 +17,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from _environment import esper_free_env
+
 SECRET = "grow-test-secret-0123456789abcdef0123"
 SCRIPT = str(Path(sys.executable).with_name("esper-weatherlight-service"))
-_INHERITED = ("ESPER_", "OONA_", "URZA_", "TAMIYO_", "WEATHERLIGHT_", "KERNEL_", "ESP_")
 
 
 def platform_env(root: Path, **extra: str) -> dict[str, str]:
     """The caller's environment without Esper settings, plus a private layout under ``root``."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not (k.startswith(_INHERITED) or k in ("REDIS_URL", "NOTIFY_SOCKET"))
-        or k.startswith("ESPER_TEST_")
-    }
+    env = esper_free_env()
     var = root / "var"
     env.update(
         ESPER_LEYLINE_SECRET=SECRET,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,8 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from security._service import BIN, Service, clean_env, run
+from _environment import esper_free_env
+from security._service import BIN, Service, run
 
 from esper.core import TelemetryMetric, build_telemetry_packet, configure_logging
 from esper.core.redis_server import free_port
@@ -230,10 +230,7 @@ def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _clean_env(tmp: str) -> dict[str, str]:
-    prefixes = ("ESPER_", "OONA_", "NISSA_", "REDIS_URL")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
-    env["HOME"] = tmp
-    return env
+    return esper_free_env(HOME=tmp)
 
 
 def test_cli_help_and_config_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -313,7 +310,7 @@ def test_cli_serves_stops_on_sigterm_and_takes_its_name_back_on_the_next_start(
 
 def test_cli_started_beside_the_service_finds_its_embedded_server_and_secret(tmp_path: Path) -> None:
     """The README's way: `esper-config init`, the service, then Nissa from the same directory, no settings."""
-    env = clean_env()
+    env = esper_free_env()
     assert run("esper-config", "init", env=env, cwd=tmp_path).returncode == 0
     service = Service(env, tmp_path)
     nissa: subprocess.Popen[str] | None = None

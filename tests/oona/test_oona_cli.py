@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio as aioredis
+from _environment import esper_free_env
 from oona_helpers import (
     CMD,
     DLQ,
@@ -30,7 +31,7 @@ from oona_helpers import (
     now_ms,
     signed,
 )
-from security._service import BIN, LIMIT_S, Service, clean_env, run
+from security._service import BIN, LIMIT_S, Service, run
 
 from esper.core.redis_server import embedded_url, free_port
 from esper.core.worker import running
@@ -294,7 +295,7 @@ def next_dead_letter(url: str) -> str:
 
 
 def test_esper_oona_finds_the_embedded_server_with_no_secret_and_fails_in_one_line(tmp_path: Path) -> None:
-    env = clean_env()  # no secret and no REDIS_URL for esper-oona; the service gets its own secret
+    env = esper_free_env()  # no secret and no REDIS_URL for esper-oona; the service gets its own secret
     service = Service({**env, "ESPER_LEYLINE_SECRET": SERVICE_SECRET}, tmp_path)
     try:
         service.wait_booted()
@@ -360,7 +361,7 @@ def test_esper_oona_finds_the_embedded_server_with_no_secret_and_fails_in_one_li
 
 
 def test_after_config_init_esper_oona_works_from_that_directory(tmp_path: Path) -> None:
-    env = clean_env()
+    env = esper_free_env()
     init = run("esper-config", "init", env=env, cwd=tmp_path)
     assert init.returncode == 0, init.stderr
     service = Service(env, tmp_path)  # the secret comes from .env, like esper-oona's
@@ -388,7 +389,7 @@ def test_a_reader_that_stops_reading_is_not_reported_as_an_unreachable_bus(
     try:
         done = subprocess.run(
             [str(BIN / "esper-oona"), "streams"],
-            env={**clean_env(), "REDIS_URL": redis_url},
+            env={**esper_free_env(), "REDIS_URL": redis_url},
             cwd=tmp_path,
             stdout=write_end,
             stderr=subprocess.PIPE,

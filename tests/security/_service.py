@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import queue
 import signal
 import subprocess
@@ -17,19 +16,7 @@ from pathlib import Path
 from typing import Any
 
 BIN = Path(sys.executable).parent
-_INHERITED = ("ESPER_", "OONA_", "URZA_", "TAMIYO_", "WEATHERLIGHT_", "KERNEL_", "ESP_", "NISSA_")
 LIMIT_S = 60.0  # generous for a loaded machine; every wait ends as soon as its line is read
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The caller's environment without any Esper setting (no secret, no REDIS_URL), plus ``extra``."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not (k.startswith(_INHERITED) or k == "REDIS_URL") or k.startswith("ESPER_TEST_")
-    }
-    env.update(extra)
-    return env
 
 
 def run(script: str, *args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:

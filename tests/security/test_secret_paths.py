@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 import redis
-from _service import LIMIT_S, Service, clean_env, run
+from _environment import esper_free_env
+from _service import LIMIT_S, Service, run
 from dotenv import dotenv_values
 
 from esper.core.redis_server import RedisServer, ServerOptions, embedded_url
@@ -75,7 +76,7 @@ def _dead_letter_reason(client: redis.Redis, source_id: bytes) -> str:
 def test_init_then_the_service_signs_with_the_env_secret_and_no_secret_in_the_environment(
     tmp_path: Path,
 ) -> None:
-    env = clean_env(WEATHERLIGHT_TELEMETRY_INTERVAL_S="0.5")
+    env = esper_free_env(WEATHERLIGHT_TELEMETRY_INTERVAL_S="0.5")
     assert "ESPER_LEYLINE_SECRET" not in env
     init = run("esper-config", "init", env=env, cwd=tmp_path)
     assert init.returncode == 0, init.stderr
@@ -142,7 +143,7 @@ def test_url_passwords_are_masked_in_every_output_path(
     server, redis_pw = protected_redis
     catalog_url, db_pw = _catalog(database_url)
     hidden = (redis_pw, db_pw)
-    env = clean_env(
+    env = esper_free_env(
         ESPER_LEYLINE_SECRET=secrets.token_hex(32),
         REDIS_URL=server.url,
         URZA_DATABASE_URL=catalog_url,

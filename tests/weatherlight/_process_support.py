@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -12,20 +11,17 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from _environment import esper_free_env
+
 from esper.core.redis_server import free_port
 
 SECRET = "test-secret-for-esper-lite-0123456789"
 SCRIPT = str(Path(sys.executable).with_name("esper-weatherlight-service"))
-_INHERITED = ("ESPER_", "OONA_", "URZA_", "TAMIYO_", "WEATHERLIGHT_", "KERNEL_", "ESP_")
 
 
 def base_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     """The caller's environment minus every Esper setting, plus a private layout under ``tmp_path``."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not (k.startswith(_INHERITED) or k == "REDIS_URL") or k.startswith("ESPER_TEST_")
-    }
+    env = esper_free_env()
     env.update(
         ESPER_LEYLINE_SECRET=SECRET,
         ESPER_VAR_DIR=str(tmp_path / "var"),
