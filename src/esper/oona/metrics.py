@@ -84,23 +84,27 @@ class OonaMetrics:
         self.breaker_state = Gauge("oona_breaker_state", "CircuitBreakerState value", ["breaker"], registry=r)
         self._flat: defaultdict[str, float] = defaultdict(float)
         # The per-message paths (publish, consume) look their labelled children up once per stream.
-        self._on_publish: dict[str, tuple[Any, Any, str]] = {}
-        self._on_consume: dict[str, tuple[Any, Any, str]] = {}
+        self._per_message = {
+            "published": (self.published, self.publish_latency),
+            "consumed": (self.consumed, self.handler_latency),
+        }
+        self._children: dict[tuple[str, str], tuple[Any, Any, str]] = {}
 
     def _bump(self, key: str, amount: float = 1.0) -> None:
         self._flat[key] += amount
 
+    def _labelled(self, kind: str, stream: str) -> tuple[Any, Any, str]:
+        """``kind``'s counter and histogram for ``stream`` and its snapshot key (cached)."""
+        children = self._children.get((kind, stream))
+        if children is None:
+            counter, latency = self._per_message[kind]
+            children = (counter.labels(stream), latency.labels(stream), f"{kind}.{stream}")
+            self._children[(kind, stream)] = children
+        return children
+
     def on_published(self, stream: str, seconds: float | None = None) -> None:
         """One entry published; ``seconds`` is the XADD's latency (None for a committed reply)."""
-        children = self._on_publish.get(stream)
-        if children is None:
-            children = (
-                self.published.labels(stream),
-                self.publish_latency.labels(stream),
-                f"published.{stream}",
-            )
-            self._on_publish[stream] = children
-        count, latency, key = children
+        count, latency, key = self._labelled("published", stream)
         count.inc()
         self._bump(key)
         if seconds is not None:
@@ -116,15 +120,7 @@ class OonaMetrics:
             self._bump(f"backpressure.{stream}")
 
     def on_consumed(self, stream: str, seconds: float) -> None:
-        children = self._on_consume.get(stream)
-        if children is None:
-            children = (
-                self.consumed.labels(stream),
-                self.handler_latency.labels(stream),
-                f"consumed.{stream}",
-            )
-            self._on_consume[stream] = children
-        count, latency, key = children
+        count, latency, key = self._labelled("consumed", stream)
         count.inc()
         latency.observe(seconds)
         self._bump(key)
