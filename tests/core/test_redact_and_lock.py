@@ -43,6 +43,10 @@ from esper.core.settings import EsperSettings
             "rediss://default:***@h:1 then postgresql://a:***@c/d",
         ),
         ('{"url": "redis://:pw@h:1/0"}', '{"url": "redis://:***@h:1/0"}'),
+        # a lone user part of a Redis URL may well be a password; of a database URL it is a user
+        ("redis://s3cret@h:6379/0", "redis://***@h:6379/0"),
+        ("redis+sentinel://s3cret@a:1,b:2/main", "redis+sentinel://***@a:1,b:2/main"),
+        ("postgresql://postgres@db/e", "postgresql://postgres@db/e"),
     ],
 )
 def test_mask_url(raw: str, shown: str) -> None:

@@ -20,11 +20,19 @@ MASK = "***"
 # common, and clients split the authority at its last '@' too). The scheme is at most 32
 # characters so that hostile text (a long "a.a.a..." run) is scanned in linear time.
 _USERINFO = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.\-]{0,31}://[^\s:/@]*):(?P<password>[^\s/]+)@")
+# redis://secret@host: Redis clients read a lone user part as a user name, but people write a
+# password there too (some clients take it as one), so for Redis URLs it is hidden as well.
+_LONE_REDIS_USER = re.compile(
+    r"(?P<head>\b(?:redis|rediss|valkey|valkeys|unix|redis\+sentinel|redis\+cluster)://)[^\s:/@]+@",
+    re.IGNORECASE,
+)
 _QUERY = re.compile(r"(?P<head>[?&](?:password|passwd|pwd)=)(?P<password>[^&#\s]+)", re.IGNORECASE)
 
 
 def mask_url(text: str) -> str:
     """``text`` with the password of every URL in it replaced by ``***``.
+
+    A Redis URL's lone user part (``redis://secret@host``) is hidden too.
 
     Works on a bare URL (``redis://:***@127.0.0.1:6379/0``) and on free text
     that mentions URLs (an exception message, a traceback). Text without
@@ -33,6 +41,7 @@ def mask_url(text: str) -> str:
     if "@" not in text and "=" not in text:
         return text
     masked = _USERINFO.sub(lambda m: f"{m['head']}:{MASK}@", text)
+    masked = _LONE_REDIS_USER.sub(lambda m: f"{m['head']}{MASK}@", masked)
     return _QUERY.sub(lambda m: f"{m['head']}{MASK}", masked)
 
 
