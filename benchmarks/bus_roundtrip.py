@@ -98,8 +98,10 @@ class Pipeline:
         self.burst_messages += count
 
 
-async def _raw_consumer(redis: aioredis.Redis, stream: str, arrived: asyncio.Queue[None]) -> None:
-    while True:
+async def _raw_consumer(
+    redis: aioredis.Redis, stream: str, arrived: asyncio.Queue[None], stop: asyncio.Event
+) -> None:
+    while not stop.is_set():
         reply = await redis.xreadgroup(GROUP, "raw-0", {stream: ">"}, count=BATCH, block=BLOCK_MS)
         for _stream, entries in reply or []:
             ids = []
@@ -121,10 +123,14 @@ async def raw_pipeline(url: str) -> AsyncIterator[Pipeline]:
         await pub.xadd(stream, {b"payload": BODY})
 
     pipeline = Pipeline("raw", publish)
-    consumer = asyncio.create_task(_raw_consumer(sub, stream, pipeline.arrived))
+    stop = asyncio.Event()
+    consumer = asyncio.create_task(_raw_consumer(sub, stream, pipeline.arrived, stop))
     try:
         yield pipeline
     finally:
+        # Python 3.11's wait_for (inside redis-py's send) can swallow a cancellation; the event
+        # ends the loop at its next read even then.
+        stop.set()
         consumer.cancel()
         await asyncio.gather(consumer, return_exceptions=True)
         await pub.aclose()

@@ -75,50 +75,56 @@ class Committer:
         self._script = redis.register_script(COMMIT)
         self._keys = keys
         self.target = target
+        t = target
+        # What every call sends unchanged, encoded once: this runs once per batch on the hot path.
+        self._fixed_keys = [keys.stream(t.stream).encode(), keys.stream(t.dead_letter_stream).encode()]
+        self._fixed_args: list[bytes] = [
+            t.group.encode(),
+            t.consumer.encode(),
+            b"%d" % t.replay_ttl_ms,
+            b"%d" % (t.cap or 0),
+            b"%d" % t.dead_letter_cap,
+            t.stream.encode(),
+        ]
+        self._replay_prefix = keys.replay(t.group, "").encode()
+        self._ref_prefix = f"{t.stream}/".encode()
 
     async def commit(self, items: Sequence[CommitItem]) -> list[str]:
         """Commit ``items``; one status per item (``ok``, ``dead``, ``replay`` or ``lost``)."""
         if not items:
             return []
-        t, keys = self.target, self._keys
+        keys = self._keys
         # KEYS: source, dead letters, then every reply stream once, then one replay key per claim.
         reply_streams: dict[str, int] = {}
         for item in items:
-            if isinstance(item, Done):
+            if isinstance(item, Done) and item.replies:
                 for reply in item.replies:
                     reply_streams.setdefault(keys.stream(reply.stream), 3 + len(reply_streams))
-        replay_keys: list[str] = []
+        replay_keys: list[bytes] = []
+        first_replay = 3 + len(reply_streams)
         body: list[bytes | str | int] = []
         for item in items:
-            if isinstance(item, Ack):
-                body += ["a", item.entry_id]
-            elif isinstance(item, DeadLetter):
-                pairs = [part for name, value in item.fields.items() for part in (name, value)]
-                body += ["d", item.entry_id, len(pairs), *pairs]
-            else:
+            entry_id = item.entry_id.encode()
+            if isinstance(item, Done):
                 replay_index = 0
                 if item.replay_key is not None:
-                    replay_keys.append(keys.replay(t.group, item.replay_key))
-                    replay_index = 2 + len(reply_streams) + len(replay_keys)
-                body += ["c", item.entry_id, replay_index, f"{t.stream}/{item.entry_id}", len(item.replies)]
+                    replay_index = first_replay + len(replay_keys)
+                    replay_keys.append(self._replay_prefix + item.replay_key.encode())
+                body += (b"c", entry_id, replay_index, self._ref_prefix + entry_id, len(item.replies))
                 for reply in item.replies:
-                    body += [
+                    fields = reply.fields
+                    body += (
                         reply_streams[keys.stream(reply.stream)],
-                        reply.fields[b"payload"],
-                        reply.fields[b"signature"],
-                        reply.fields.get(b"kid", b""),
-                    ]
-        key_list = [keys.stream(t.stream), keys.stream(t.dead_letter_stream), *reply_streams, *replay_keys]
-        argv = [
-            t.group,
-            t.consumer,
-            t.replay_ttl_ms,
-            t.cap or 0,
-            t.dead_letter_cap,
-            t.stream,
-            len(items),
-            len(reply_streams),
-            *body,
-        ]
+                        fields[b"payload"],
+                        fields[b"signature"],
+                        fields.get(b"kid", b""),
+                    )
+            elif isinstance(item, Ack):
+                body += (b"a", entry_id)
+            else:
+                pairs = [part for name, value in item.fields.items() for part in (name, value)]
+                body += (b"d", entry_id, len(pairs), *pairs)
+        key_list: list[bytes | str] = [*self._fixed_keys, *reply_streams, *replay_keys]
+        argv: list[bytes | str | int] = [*self._fixed_args, len(items), len(reply_streams), *body]
         raw = await self._script(keys=key_list, args=argv)
         return [s.decode() if isinstance(s, bytes) else str(s) for s in raw]

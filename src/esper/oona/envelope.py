@@ -16,8 +16,8 @@ both need Redis.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +45,14 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _uuid4_hex() -> str:
+    """A random UUID (version 4) as 32 hex digits, as ``uuid.uuid4().hex`` but without the object."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+    return raw.hex()
+
+
 def build_envelope(
     message_type: leyline_pb2.BusMessageType.ValueType,
     payload: bytes,
@@ -58,7 +66,7 @@ def build_envelope(
     if extra:
         attrs.update(extra)
     attrs[ISSUED_AT] = str(now_ms())
-    attrs[NONCE] = uuid.uuid4().hex
+    attrs[NONCE] = _uuid4_hex()
     attrs[SOURCE] = source
     return envelope.SerializeToString(deterministic=True)
 
