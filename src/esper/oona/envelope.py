@@ -168,7 +168,7 @@ def verify_entry(
         return Rejection(RejectReason.UNSIGNED, "entry has no usable signature")
     raw_kid = fields.get(KID)
     kid = _text(raw_kid)
-    if raw_kid is not None and (kid is None or kid not in keyring.key_ids):
+    if raw_kid is not None and (kid is None or not keyring.knows(kid)):
         return Rejection(RejectReason.BAD_SIGNATURE, "unknown key id")
     if not keyring.verify(payload, signature, kid):
         return Rejection(RejectReason.BAD_SIGNATURE, "signature does not match payload")
@@ -182,7 +182,8 @@ def verify_entry(
     if expected_types is not None and message_type not in expected_types:
         return Rejection(RejectReason.UNEXPECTED_TYPE, f"type {message_type} not expected on {stream}")
     attrs = dict(envelope.attributes)
-    found = _issued_and_replay_key(message_type, envelope.payload, payload, attrs)
+    inner = envelope.payload  # each access copies the bytes
+    found = _issued_and_replay_key(message_type, inner, payload, attrs)
     if isinstance(found, Rejection):
         return found
     issued, replay_key = found
@@ -195,7 +196,7 @@ def verify_entry(
         stream=stream,
         entry_id=entry_id,
         message_type=message_type,
-        payload=envelope.payload,
+        payload=inner,
         attributes=attrs,
         attempt=attempt,
         kid=kid,

@@ -75,9 +75,9 @@ class KeyRing:
     def kid(self) -> str:
         return self.primary.kid
 
-    @property
-    def key_ids(self) -> tuple[str, ...]:
-        return tuple(self._keys)
+    def knows(self, kid: str) -> bool:
+        """Whether ``kid`` names an accepted key."""
+        return kid in self._keys
 
     def sign(self, payload: bytes) -> str:
         """Sign with the primary key."""
