@@ -38,6 +38,7 @@ import json
 import multiprocessing as mp
 import os
 import statistics
+import sys
 import tempfile
 import time
 import uuid
@@ -229,21 +230,11 @@ def catalogue(root: Path, database: str | None) -> Iterator[str]:
     if database is None:
         yield f"sqlite:///{root / 'catalog.db'}"
         return
-    import psycopg
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from _postgres import private_schema  # the tests' helper: one way to make (and drop) a schema
 
-    plain = database.replace("postgresql+psycopg://", "postgresql://", 1)
-    schema = f"esper_bench_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(plain, autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA "{schema}"')
-    sep = "&" if "?" in plain else "?"
-    try:
-        yield (
-            plain.replace("postgresql://", "postgresql+psycopg://", 1)
-            + f"{sep}options=-csearch_path%3D{schema}"
-        )
-    finally:
-        with psycopg.connect(plain, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+    with private_schema(database, prefix="esper_bench") as url:
+        yield url
 
 
 def server_calls(url: str) -> dict[str, int]:
