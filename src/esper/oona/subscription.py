@@ -109,7 +109,8 @@ class Subscription:
         self._on_committed = on_committed
         self._key = link.keys.stream(stream)
         self._create_group = link.redis.register_script(CREATE_GROUP)
-        self._health_key = f"{stream}/{group}"
+        self._read_problem = f"read:{stream}/{group}"
+        self._commit_problem = f"commit:{stream}/{group}"
         self.takeover = Takeover(link, self._key, group, self.consumer, self.policy)
         self._uncommitted: list[CommitItem] = []
         self._queue: list[CommitItem] = []
@@ -195,7 +196,7 @@ class Subscription:
     def _recovered(self) -> None:
         breaker = self.link.consume_breaker
         breaker.record_success()
-        self.link.health.clear(f"read:{self._health_key}")
+        self.link.health.clear(self._read_problem)
         self._backoff_s = self.link.config.reconnect_base_ms / 1000
 
     async def _outage(self, ctx: WorkerContext, exc: BaseException) -> None:
@@ -204,7 +205,7 @@ class Subscription:
         self.link.consume_breaker.record_failure()
         self._recover = True
         text = f"{type(exc).__name__}: {exc}"[:200]
-        self.link.health.report(f"read:{self._health_key}", f"{self.name} cannot read: {text}")
+        self.link.health.report(self._read_problem, f"{self.name} cannot read: {text}")
         if isinstance(exc, TRANSIENT):
             _log.warning(
                 "oona.consume_redis_error", subscription=self.name, error=text, retry_in_s=self._backoff_s
@@ -224,7 +225,8 @@ class Subscription:
             async for page in takeover.own_pending(ctx):
                 await self.process(ctx, page)
             self._recover = False
-        await self.process(ctx, await takeover.due_retries())
+        if takeover.retries:
+            await self.process(ctx, await takeover.due_retries())
         await self.process(ctx, await takeover.stale())
         if len(takeover.retries) >= 4 * self.policy.batch:
             await ctx.wait_stopping(takeover.until_next_retry_s() or self.link.config.block_ms / 1000)
@@ -373,7 +375,7 @@ class Subscription:
             self._uncommitted.extend(items)
             self._commit_failed(exc)
             return False
-        self.link.health.clear(f"commit:{self._health_key}")
+        self.link.health.clear(self._commit_problem)
         self.takeover.release([item.entry_id for item in items])
         self._account(items, statuses)
         return True
@@ -386,7 +388,7 @@ class Subscription:
         metrics, stream = self.link.metrics, self.stream
         metrics.on_commit_failed(stream)
         text = f"{type(exc).__name__}: {exc}"[:200]
-        self.link.health.report(f"commit:{self._health_key}", f"{self.name} cannot commit: {text}")
+        self.link.health.report(self._commit_problem, f"{self.name} cannot commit: {text}")
         _log.warning("oona.commit_failed", subscription=self.name, entries=len(self._uncommitted), error=text)
 
     def _account(self, items: Sequence[CommitItem], statuses: Sequence[str]) -> None:
