@@ -45,6 +45,8 @@ from esper.core.settings import EsperSettings
         ('{"url": "redis://:pw@h:1/0"}', '{"url": "redis://:***@h:1/0"}'),
         # a lone user part of a Redis URL may well be a password; of a database URL it is a user
         ("redis://s3cret@h:6379/0", "redis://***@h:6379/0"),
+        ("redis://p@ss@h:6379/0", "redis://***@h:6379/0"),
+        ("redis://h:6379/0?client_name=a@b", "redis://h:6379/0?client_name=a@b"),
         ("redis+sentinel://s3cret@a:1,b:2/main", "redis+sentinel://***@a:1,b:2/main"),
         ("postgresql://postgres@db/e", "postgresql://postgres@db/e"),
     ],
@@ -83,6 +85,8 @@ def test_mask_url_is_linear_on_hostile_text() -> None:
     hostile = "a." * 200_000 + "redis://:pw@h/0"
     assert mask_url(hostile).endswith("redis://:***@h/0")
     assert mask_url("x://:" + "a@" * 200_000).startswith("x://:***@")
+    assert mask_url("redis://" + "a@" * 200_000).startswith("redis://***@")
+    assert mask_url("redis://a" * 100_000) == "redis://a" * 100_000
 
 
 def test_logs_mask_passwords_inside_object_reprs(capsys: pytest.CaptureFixture[str]) -> None:

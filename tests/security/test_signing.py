@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import base64
+import copy
+import dataclasses
 import hashlib
 import hmac
+import pickle
 
 import pytest
 from hypothesis import given
@@ -127,3 +130,22 @@ def test_command_tampering_and_missing_signature_fail() -> None:
     sign_command(command, ring)
     command.seed_operation.blueprint_id = "BP003"
     assert not verify_command(command, ring)
+
+
+@given(st.binary(max_size=2048))
+def test_the_keyring_signs_as_an_independent_hmac_with_its_key_set_up_once(payload: bytes) -> None:
+    ring = KeyRing(b"0123456789abcdef0123456789abcdef")
+    independent = base64.b64encode(hmac.new(ring.primary.secret, payload, hashlib.sha256).digest()).decode()
+    assert ring.sign(payload) == independent
+    assert ring.sign(payload) == independent  # the keyed state is copied, never consumed
+    assert ring.verify(payload, independent, ring.kid)
+
+
+def test_a_keyring_survives_pickling_and_copying_and_its_key_hides_the_secret() -> None:
+    ring = KeyRing(b"0123456789abcdef0123456789abcdef", [b"fedcba9876543210fedcba9876543210"])
+    signature = ring.sign(b"payload")
+    for other in (pickle.loads(pickle.dumps(ring)), copy.deepcopy(ring)):
+        assert other.sign(b"payload") == signature
+        assert other.primary == ring.primary
+    assert dataclasses.asdict(ring.primary) == {"secret": ring.primary.secret, "kid": ring.kid}
+    assert "0123456789abcdef" not in repr(ring.primary)

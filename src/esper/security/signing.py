@@ -36,7 +36,6 @@ class SigningKey:
 
     secret: bytes = field(repr=False)
     kid: str = ""
-    _keyed: hmac.HMAC = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.secret:
@@ -44,11 +43,16 @@ class SigningKey:
         if not self.kid:
             object.__setattr__(self, "kid", key_id(self.secret))
         # Keyed once: each message then costs a copy of this state instead of a fresh key setup.
+        # Not a field, so it stays out of comparisons and ``asdict``.
         object.__setattr__(self, "_keyed", hmac.new(self.secret, digestmod=hashlib.sha256))
+
+    def __reduce__(self) -> tuple[type[SigningKey], tuple[bytes, str]]:
+        # The keyed state cannot be pickled or copied; it is rebuilt from the secret.
+        return (SigningKey, (self.secret, self.kid))
 
     def mac(self, payload: bytes) -> bytes:
         """The raw HMAC-SHA256 of ``payload`` under this key."""
-        keyed = self._keyed.copy()
+        keyed: hmac.HMAC = self._keyed.copy()  # type: ignore[attr-defined]
         keyed.update(payload)
         return keyed.digest()
 
