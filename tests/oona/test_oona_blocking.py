@@ -18,9 +18,10 @@ PARK_S = 30.0
 
 
 class _SwallowsOnce:
-    def __init__(self) -> None:
+    def __init__(self, then_park_s: float = PARK_S) -> None:
         self.parked = asyncio.Event()
         self.swallowed = 0
+        self.then_park_s = then_park_s
 
     async def __call__(self) -> list[str]:
         self.parked.set()
@@ -28,7 +29,7 @@ class _SwallowsOnce:
             await asyncio.sleep(PARK_S)
         except asyncio.CancelledError:
             self.swallowed += 1  # lost, as inside wait_for when the write had just finished
-        await asyncio.sleep(PARK_S)
+        await asyncio.sleep(self.then_park_s)
         return ["entries"]
 
 
@@ -52,6 +53,18 @@ async def test_a_stop_ends_a_read_whose_first_cancellation_was_swallowed() -> No
     assert result is None
     assert cancelling == 0  # every cancellation the reader made was taken back
     assert await reader.read(call) is None  # and no read starts after a stop
+
+
+async def test_entries_read_after_a_swallowed_cancellation_are_returned_and_the_task_is_clean() -> None:
+    """The read ends by itself (entries arrived) before the stop asks again: nothing is dropped."""
+    reader, call, stopping = BlockingRead(), _SwallowsOnce(then_park_s=0), asyncio.Event()
+    async with asyncio.timeout(5), asyncio.TaskGroup() as group:
+        read = group.create_task(_read_in_task(reader, call))
+        group.create_task(reader.abandon_when(stopping))
+        await call.parked.wait()
+        stopping.set()
+    assert call.swallowed == 1
+    assert read.result() == (["entries"], 0)
 
 
 async def test_a_stop_ends_a_plain_parked_read_and_the_task_carries_on() -> None:

@@ -21,8 +21,8 @@ MASK = "***"
 # characters so that hostile text (a long "a.a.a..." run) is scanned in linear time.
 _USERINFO = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.\-]{0,31}://[^\s:/@]*):(?P<password>[^\s/]+)@")
 # redis://secret@host: Redis clients read a lone user part as a user name, but people write a
-# password there too (some clients take it as one), so for Redis URLs it is hidden as well, up to
-# the last '@' as before.
+# password there too (some clients take it as one), so for Redis URLs it is hidden as well (up to
+# the last '@', as a password is).
 _LONE_REDIS_USER = re.compile(
     r"(?P<head>\b(?:redis|rediss|valkey|valkeys|unix|redis\+sentinel|redis\+cluster)://)[^\s:/]+@",
     re.IGNORECASE,

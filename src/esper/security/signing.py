@@ -22,6 +22,7 @@ def key_id(secret: bytes) -> str:
     return hashlib.sha256(b"esper-kid:" + secret).hexdigest()[:8]
 
 
+#: The length of an HMAC-SHA256, so a signature of any other length is refused before any HMAC.
 _DIGEST_BYTES = 32
 
 
@@ -48,7 +49,7 @@ class SigningKey:
 
     def __reduce__(self) -> tuple[type[SigningKey], tuple[bytes, str]]:
         # The keyed state cannot be pickled or copied; it is rebuilt from the secret.
-        return (SigningKey, (self.secret, self.kid))
+        return (type(self), (self.secret, self.kid))
 
     def mac(self, payload: bytes) -> bytes:
         """The raw HMAC-SHA256 of ``payload`` under this key."""
