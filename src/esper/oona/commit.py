@@ -74,7 +74,6 @@ class Committer:
     def __init__(self, redis: aioredis.Redis, keys: KeySpace, target: CommitTarget) -> None:
         self._script = redis.register_script(COMMIT)
         self._keys = keys
-        self.target = target
         t = target
         # What every call sends unchanged, encoded once: this runs once per batch on the hot path.
         self._fixed_keys = [keys.stream(t.stream).encode(), keys.stream(t.dead_letter_stream).encode()]

@@ -48,7 +48,6 @@ class Supervisor:
         self._wake = asyncio.Event()
         self._stop_reason: str | None = None
         self._stopping = False
-        self._booted = False
         self._boot_done = asyncio.Event()
         self._started_mono = time.monotonic()
         self._abandoned: set[asyncio.Task[None]] = set()
@@ -101,7 +100,6 @@ class Supervisor:
                 self._boot_error = reason
                 await self.shutdown(self.boot_abort_deadline_s)
                 raise BootError(reason)
-        self._booted = True
         self._boot_done.set()
 
     def _boot_failure(self, w: WorkerRunner) -> str:
@@ -225,7 +223,7 @@ class Supervisor:
 
     @property
     def booted(self) -> bool:
-        return self._booted
+        return self._boot_done.is_set()
 
     async def wait_booted(self) -> None:
         """Until every boot step has started (forever if boot fails: the waiter is then stopped)."""
@@ -249,7 +247,7 @@ class Supervisor:
         backing_off = statuses.count(WorkerStatus.BACKING_OFF.value)
         failed = statuses.count(WorkerStatus.FAILED.value)
         return {
-            "booted": self._booted,
+            "booted": self.booted,
             "stopping": self._stopping,
             "uptime_s": round(time.monotonic() - self._started_mono, 3),
             "task_count": sum(1 for w in self._workers.values() if w.attempt and not w.attempt.done()),
