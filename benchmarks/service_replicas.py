@@ -23,9 +23,10 @@ from typing import Any
 
 from esper.core.redis_server import free_port
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from _environment import esper_free_env  # the tests' one Esper-free environment
+
 SERVICE = str(Path(sys.executable).with_name("esper-weatherlight-service"))
-_INHERITED = ("ESPER_", "OONA_", "URZA_", "WEATHERLIGHT_", "TAMIYO_", "KERNEL_", "ESP_")
-_DROPPED = {"REDIS_URL", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"}
 _TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
 
@@ -56,8 +57,7 @@ class Replica:
         self.name = name
         self.var = var_dir
         self.port = free_port()
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(_INHERITED) and k not in _DROPPED}
-        self.env.update(
+        self.env = esper_free_env(
             ESPER_LEYLINE_SECRET=secret,
             REDIS_URL=redis_url,
             ESPER_VAR_DIR=str(self.var),

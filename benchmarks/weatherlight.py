@@ -38,12 +38,14 @@ from pathlib import Path
 
 from esper.core.redis_server import free_port
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from _environment import esper_free_env  # the tests' one Esper-free environment
+
 RUNS = int(os.environ.get("BENCH_RUNS", "5"))
 IDLE_S = float(os.environ.get("BENCH_IDLE_S", "30"))
 SECRET = "weatherlight-benchmark-secret-0123456789"
 SCRIPT = str(Path(sys.executable).with_name("esper-weatherlight-service"))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-_INHERITED = ("ESPER_", "OONA_", "URZA_", "TAMIYO_", "WEATHERLIGHT_", "KERNEL_", "ESP_")
 
 
 def cpu_ticks(pid: int) -> int:
@@ -77,15 +79,13 @@ def ready(port: int) -> bool:
 
 
 def environment(root: Path, port: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not (k.startswith(_INHERITED) or k == "REDIS_URL")}
-    env.update(
+    return esper_free_env(
         ESPER_LEYLINE_SECRET=SECRET,
         ESPER_VAR_DIR=str(root / "var"),
         URZA_ARTIFACT_DIR=str(root / "urza"),
         URZA_DATABASE_URL=f"sqlite:///{root / 'urza' / 'catalog.db'}",
         WEATHERLIGHT_HTTP_PORT=str(port),
     )
-    return env
 
 
 def one_run(index: int, measure_idle: bool) -> dict[str, float]:
