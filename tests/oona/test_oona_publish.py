@@ -62,6 +62,14 @@ def test_a_read_may_not_ask_for_more_entries_than_a_reply_may_hold(
             client.broadcast(NORMAL, Recorder(), types={CMD}, batch=bad)
 
 
+def test_a_subscription_refuses_names_the_commit_cannot_carry(make_client: Callable[..., OonaClient]) -> None:
+    # The commit sends the subscription's names on one line each (fewer arguments per commit).
+    client = make_client()
+    client.subscribe(NORMAL, "fine", Recorder(), types={CMD})
+    with pytest.raises(ValueError, match="newline"):
+        client.subscribe(NORMAL, "two\nlines", Recorder(), types={CMD})
+
+
 async def test_entry_is_signed_v1_compatible_with_attributes(
     make_client: Callable[..., OonaClient], redis_client: aioredis.Redis
 ) -> None:

@@ -16,10 +16,12 @@ consumer which took the entry over, never publishes a reply twice.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from esper.oona.keys import KeySpace
 from esper.oona.scripts import COMMIT
@@ -72,58 +74,64 @@ class Committer:
     """Sends batches of commit items for one subscription (see the module docstring)."""
 
     def __init__(self, redis: aioredis.Redis, keys: KeySpace, target: CommitTarget) -> None:
+        t = target
+        settings = (t.group, t.consumer, str(t.replay_ttl_ms), str(t.cap or 0), str(t.dead_letter_cap))
+        if any("\n" in value for value in (*settings, t.stream)):
+            raise ValueError("stream, group and consumer names must not contain a newline")
         self._script = redis.register_script(COMMIT)
         self._keys = keys
-        t = target
-        # What every call sends unchanged, encoded once: this runs once per batch on the hot path.
+        # What every call sends unchanged, encoded once: a commit of one entry is on every
+        # message's path, and the client pays for each argument it encodes.
         self._fixed_keys = [keys.stream(t.stream).encode(), keys.stream(t.dead_letter_stream).encode()]
-        self._fixed_args: list[bytes] = [
-            t.group.encode(),
-            t.consumer.encode(),
-            b"%d" % t.replay_ttl_ms,
-            b"%d" % (t.cap or 0),
-            b"%d" % t.dead_letter_cap,
-            t.stream.encode(),
-        ]
-        self._replay_prefix = keys.replay(t.group, "").encode()
-        self._ref_prefix = f"{t.stream}/".encode()
+        self._settings = "\n".join((*settings, t.stream)).encode()
+        self._replay_prefix = keys.replay(t.group, "")
 
     async def commit(self, items: Sequence[CommitItem]) -> list[str]:
         """Commit ``items``; one status per item (``ok``, ``dead``, ``replay`` or ``lost``)."""
         if not items:
             return []
         keys = self._keys
-        # KEYS: source, dead letters, then every reply stream once, then one replay key per claim.
+        # KEYS: source, dead letters, every reply stream once, then one replay key per claim.
         reply_streams: dict[str, int] = {}
         for item in items:
             if isinstance(item, Done) and item.replies:
                 for reply in item.replies:
                     reply_streams.setdefault(keys.stream(reply.stream), 3 + len(reply_streams))
-        replay_keys: list[bytes] = []
-        first_replay = 3 + len(reply_streams)
-        body: list[bytes | str | int] = []
+        replay_keys: list[str] = []
+        words = [str(len(reply_streams))]
+        values: list[bytes | str | int] = []
         for item in items:
-            entry_id = item.entry_id.encode()
+            entry_id = item.entry_id
+            if not _STREAM_ID.fullmatch(entry_id):
+                raise ValueError(f"not a stream entry id: {entry_id[:40]!r}")
             if isinstance(item, Done):
-                replay_index = 0
                 if item.replay_key is not None:
-                    replay_index = first_replay + len(replay_keys)
-                    replay_keys.append(self._replay_prefix + item.replay_key.encode())
-                body += (b"c", entry_id, replay_index, self._ref_prefix + entry_id, len(item.replies))
+                    replay_keys.append(self._replay_prefix + item.replay_key)
+                    words.append(f"c{entry_id}/{len(item.replies)}")
+                else:
+                    words.append(f"u{entry_id}/{len(item.replies)}")
                 for reply in item.replies:
                     fields = reply.fields
-                    body += (
+                    values += (
                         reply_streams[keys.stream(reply.stream)],
                         fields[b"payload"],
                         fields[b"signature"],
                         fields.get(b"kid", b""),
                     )
             elif isinstance(item, Ack):
-                body += (b"a", entry_id)
+                words.append(f"a{entry_id}")
             else:
-                pairs = [part for name, value in item.fields.items() for part in (name, value)]
-                body += (b"d", entry_id, len(pairs), *pairs)
+                words.append(f"d{entry_id}/{2 * len(item.fields)}")
+                for name, value in item.fields.items():
+                    values += (name, value)
         key_list: list[bytes | str] = [*self._fixed_keys, *reply_streams, *replay_keys]
-        argv: list[bytes | str | int] = [*self._fixed_args, len(items), len(reply_streams), *body]
-        raw = await self._script(keys=key_list, args=argv)
-        return [s.decode() if isinstance(s, bytes) else str(s) for s in raw]
+        raw = await self._script(keys=key_list, args=[self._settings, " ".join(words), *values])
+        letters = raw.decode() if isinstance(raw, bytes) else str(raw)
+        if len(letters) != len(items):
+            raise ResponseError(f"commit answered {len(letters)} statuses for {len(items)} entries")
+        return [_STATUS[letter] for letter in letters]
+
+
+#: The commit script's one-letter statuses.
+_STATUS = {"o": "ok", "d": "dead", "r": "replay", "l": "lost"}
+_STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")

@@ -16,25 +16,37 @@ Scripts are loaded once per server (EVALSHA, reloaded after a restart).
 from __future__ import annotations
 
 # Commit a batch of entries of one stream in one group.
-# KEYS[1] source stream, KEYS[2] dead-letter stream, KEYS[3 .. 2+S] reply streams, then replay keys.
-# ARGV: group, consumer, replay ttl ms, publish cap (0: none), dead-letter cap, source stream name,
-#       item count, S, then per item:
-#   "a" entry                         acknowledge only (ignored type, entry for another group)
-#   "d" entry nfields f v ...         dead letter, then acknowledge
-#   "c" entry rk ref nreplies (sk payload signature kid)*
-#                                     claim replay key KEYS[rk] (0: none), publish the replies to
-#                                     KEYS[sk] and acknowledge; a replay (the key was claimed
-#                                     already, by whatever entry) is dead-lettered instead
-# Returns one status per item: "ok", "dead", "replay" or "lost" (the entry is no longer pending
-# for this consumer: another consumer took it over, or it was acknowledged already).
+# KEYS[1] source stream, KEYS[2] dead-letter stream, KEYS[3 .. 2+S] reply streams, then the replay
+# keys, in the order of the items that claim one.
+# ARGV[1] this subscription's settings, one per line: group, consumer, replay ttl ms, publish cap
+#         (0: none), dead-letter cap, source stream name (encoded once per subscription);
+# ARGV[2] "S item item ...", each item a letter, the entry id and for some a count:
+#   a<id>        acknowledge only (ignored type, entry for another group)
+#   d<id>/<n>    dead letter with the next n ARGV (field, value, ...), then acknowledge
+#   c<id>/<n>    claim the next replay key, publish the n replies that follow in ARGV (each four
+#                values: index of its stream in KEYS, payload, signature, kid) and acknowledge; a
+#                replay (the key was claimed already, by whatever entry) is dead-lettered instead
+#   u<id>/<n>    the same without a replay key (published only while the entry is still ours)
+# Why so few arguments: the client pays for every argument it encodes, once per commit, and a
+# commit of one entry is on every message's path. The ids in ARGV[2] are stream ids (digits and
+# one dash); everything binary stays an argument of its own.
+# Returns one letter per item: "o" ok, "d" dead, "r" replay or "l" lost (the entry is no longer
+# pending for this consumer: another consumer took it over, or it was acknowledged already).
 COMMIT = r"""
 local stream, dlq = KEYS[1], KEYS[2]
-local group, consumer = ARGV[1], ARGV[2]
-local ttl, cap, dlq_cap = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local source_name, count, nstreams = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
+local group, consumer, ttl, cap, dlq_cap, source_name =
+  string.match(ARGV[1], '^([^\n]*)\n([^\n]*)\n(%d+)\n(%d+)\n(%d+)\n(.*)$')
+ttl, cap, dlq_cap = tonumber(ttl), tonumber(cap), tonumber(dlq_cap)
+local nstreams, items = string.match(ARGV[2], '^(%d+)(.*)$')
+nstreams = tonumber(nstreams)
+local lone = not string.find(items, ' ', 2, true)
 
--- KEYS[1] is the stream this consumer just read; XPENDING on it fails before any write anyway.
-for i = 2, #KEYS do
+-- Each write that may follow another must not fail halfway, so the types of the keys written are
+-- checked first. A lone item's first write (its replay claim, dead letter or first reply) needs
+-- no check: if it fails, nothing has been written; only its reply streams do. KEYS[1] is the
+-- stream this consumer just read; XPENDING on it fails before any write anyway.
+local last_checked = lone and (2 + nstreams) or #KEYS
+for i = lone and 3 or 2, last_checked do
   local want = (i <= 2 + nstreams) and 'stream' or 'string'
   local t = redis.call('TYPE', KEYS[i])['ok']
   if t ~= 'none' and t ~= want then
@@ -76,32 +88,31 @@ local function replayed(id)
 end
 
 local out = {}
-local n = 9
-for i = 1, count do
-  local kind, id = ARGV[n], ARGV[n + 1]
-  n = n + 2
-  local status = 'ok'
+local n = 3  -- the next unread ARGV
+local rk = 3 + nstreams  -- the next unclaimed replay key
+for kind, id, count in string.gmatch(items, '(%a)([%d%-]+)/?(%d*)') do
+  count = tonumber(count) or 0
+  local status = 'o'
   if kind == 'a' then
-    if owned(id) then redis.call('XACK', stream, group, id) else status = 'lost' end
+    if owned(id) then redis.call('XACK', stream, group, id) else status = 'l' end
   elseif kind == 'd' then
-    local nfields = tonumber(ARGV[n])
     local fields = {}
-    for j = 1, nfields do fields[j] = ARGV[n + j] end
-    n = n + nfields + 1
+    for j = 1, count do fields[j] = ARGV[n + j - 1] end
+    n = n + count
     if owned(id) then
       add(dlq, dlq_cap, fields)
       redis.call('XACK', stream, group, id)
-      status = 'dead'
+      status = 'd'
     else
-      status = 'lost'
+      status = 'l'
     end
   else
-    local rk, ref, nreplies = tonumber(ARGV[n]), ARGV[n + 1], tonumber(ARGV[n + 2])
-    local first = n + 3
-    n = first + 4 * nreplies
+    local first = n
+    n = n + 4 * count
     local previous = false
-    if rk > 0 then
-      previous = redis.call('SET', KEYS[rk], ref, 'NX', 'GET', 'PX', ttl)
+    if kind == 'c' then
+      previous = redis.call('SET', KEYS[rk], source_name .. '/' .. id, 'NX', 'GET', 'PX', ttl)
+      rk = rk + 1
     elseif not owned(id) then
       previous = 'not ours'
     end
@@ -109,7 +120,7 @@ for i = 1, count do
       -- The first claim of this message: publish its replies and acknowledge it. (Should another
       -- consumer have taken the entry over meanwhile, its own commit finds this claim and
       -- publishes nothing.) The common case needs no ownership check.
-      for r = 0, nreplies - 1 do
+      for r = 0, count - 1 do
         local at = first + 4 * r
         add(KEYS[tonumber(ARGV[at])], cap, {'payload', ARGV[at + 1], 'signature', ARGV[at + 2],
                                             'kid', ARGV[at + 3]})
@@ -118,18 +129,18 @@ for i = 1, count do
     elseif not owned(id) then
       -- Claimed before and no longer pending for us: our own commit already went through (this is
       -- a retry after a lost reply), or another consumer has the entry now.
-      status = 'lost'
+      status = 'l'
     else
       -- Claimed before by another entry, or by this one before it was deleted and re-added at its
       -- original id: a copy. Dead-letter it, publish nothing.
       replayed(id)
       redis.call('XACK', stream, group, id)
-      status = 'replay'
+      status = 'r'
     end
   end
-  out[i] = status
+  out[#out + 1] = status
 end
-return out
+return table.concat(out)
 """
 
 # Create a group positioned at ARGV[2] (entries after it are delivered) with an exact
