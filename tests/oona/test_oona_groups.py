@@ -219,3 +219,28 @@ async def test_concurrent_handlers_are_bounded_and_a_slow_one_holds_back_no_comm
         assert await asyncio.wait_for(commits.get(), 10) == [slow]
     assert peak == 3
     assert await pending(redis_client, NORMAL, "g") == 0
+
+
+async def test_handlers_that_finish_together_share_one_commit(
+    make_client: Callable[..., OonaClient], redis_client: aioredis.Redis
+) -> None:
+    client = make_client()
+    commits: asyncio.Queue[list[str]] = asyncio.Queue()
+
+    async def handler(message: OonaMessage) -> None:
+        return None  # finishes without waiting for anything, as a cached answer does
+
+    sub = client.subscribe(
+        NORMAL,
+        "g",
+        handler,
+        types={CMD},
+        policy=policy(concurrency=8, batch=8),
+        on_committed=commits.put_nowait,
+    )
+    await sub.ensure_group()
+    published = {(await client.publish_command(command(f"c{i}"))).entry_id for i in range(8)}
+    async with running(sub.run, "g"):
+        first = await asyncio.wait_for(commits.get(), 10)
+    assert set(first) == published  # one round trip for the batch, not one for the first alone
+    assert await pending(redis_client, NORMAL, "g") == 0
