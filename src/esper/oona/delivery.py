@@ -170,7 +170,7 @@ class Dispatcher:
             timed_out = deadline.expired()
             return self._after_failure(message, fields, accepted.issued_ms, exc, timed_out=timed_out)
         metrics.on_consumed(self.stream, time.perf_counter() - started)
-        return Done(message.entry_id, accepted.replay_key, self.sign(produced or ()))
+        return Done(message.entry_id, accepted.replay_key, self.sign(produced) if produced else ())
 
     def _after_failure(
         self,

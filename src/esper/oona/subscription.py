@@ -227,7 +227,8 @@ class Subscription:
             self._recover = False
         if takeover.retries:
             await self.process(ctx, await takeover.due_retries())
-        await self.process(ctx, await takeover.stale())
+        if takeover.until_next_claim_s() == 0:
+            await self.process(ctx, await takeover.stale())
         if len(takeover.retries) >= 4 * self.policy.batch:
             await ctx.wait_stopping(takeover.until_next_retry_s() or self.link.config.block_ms / 1000)
             return  # hold back new work until failing entries drain
@@ -256,20 +257,18 @@ class Subscription:
         items: list[CommitItem] = []
         runnable: list[tuple[Accepted, Mapping[bytes, bytes]]] = []
         alone: list[tuple[str, int]] = []
+        dispatcher = self.dispatcher
         for entry_id, fields, attempt in deliveries:
             if fields is not None and has_deferred(fields):
                 alone.append((entry_id, attempt))
                 continue
-            outcome = self.dispatcher.screen(entry_id, fields, attempt)
-            if isinstance(outcome, Accepted):
-                runnable.append((outcome, fields or {}))
-            else:
+            outcome = dispatcher.screen(entry_id, fields, attempt)
+            if not isinstance(outcome, Accepted):
                 items.append(outcome)
-        seen = [self.dispatcher.seen_here(accepted) for accepted, _f in runnable]
-        for (accepted, fields_), copy in zip(runnable, seen, strict=True):
-            if copy:
-                items.append(self.dispatcher.replayed(accepted, fields_))
-        runnable = [r for r, copy in zip(runnable, seen, strict=True) if not copy]
+            elif dispatcher.seen_here(outcome):
+                items.append(dispatcher.replayed(outcome, fields or {}))
+            else:
+                runnable.append((outcome, fields or {}))
         if self.policy.concurrency == 1 or len(runnable) <= 1:
             await self._handle_serially(ctx, runnable, items)
         else:
