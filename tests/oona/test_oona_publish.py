@@ -38,6 +38,13 @@ def test_stream_config_from_settings() -> None:
     assert config.socket_timeout_s > config.block_ms / 1000
     with pytest.raises(ValueError, match="block_ms"):
         StreamConfig(instance="x", block_ms=0)
+    # Limits the commit script reads as whole numbers are refused when built by hand, not at the
+    # first commit.
+    for bad in ({"hard_cap": -1}, {"max_stream_length": 0}, {"dead_letter_max_length": 2.5}):
+        with pytest.raises(ValueError, match="must be a whole number >= 1"):
+            StreamConfig(instance="x", **bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="clock_skew_ms"):
+        StreamConfig(instance="x", clock_skew_ms=-1)
     # A short claim time brings the retry backoff down with it (a backing-off entry must not
     # look abandoned); a policy built by hand that breaks this is refused.
     quick = StreamConfig.from_settings(EsperSettings(oona_claim_idle_ms=3000), instance="w").delivery

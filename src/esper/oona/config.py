@@ -143,6 +143,12 @@ class StreamConfig:
             problems.append("max_read_bytes must hold at least two payloads (plus 64 KiB of framing)")
         if self.breaker_open_ms <= 0:
             problems.append("breaker_open_ms must be > 0")
+        if self.clock_skew_ms < 0:
+            problems.append("clock_skew_ms must be >= 0")
+        for name in ("max_stream_length", "hard_cap", "dead_letter_max_length"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                problems.append(f"{name} must be a whole number >= 1")
         if problems:
             raise ValueError("invalid StreamConfig: " + "; ".join(problems))
         if not self.source:
