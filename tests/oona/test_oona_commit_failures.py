@@ -1,4 +1,4 @@
-"""A server refusing commits (out of memory, a key of the wrong type) never ends a reader or loses work."""
+"""Refused commits (no memory, a key of the wrong type, a deleted group) never end a reader or lose work."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 import redis.asyncio as aioredis
-from oona_helpers import CMD, DLQ, NORMAL, Recorder, command, dead_letters, pending
+from oona_helpers import CMD, DLQ, NORMAL, STATE, Recorder, command, command_id, dead_letters, pending
 
 from esper.core.redis_server import RedisServer
 from esper.core.worker import running
 from esper.leyline import leyline_pb2 as pb
-from esper.oona import OonaClient, Reply
+from esper.oona import OonaClient, OonaMessage, Reply
 from esper.oona.scripts import COMMIT
 
 READY = pb.BUS_MESSAGE_TYPE_KERNEL_PREFETCH_READY
@@ -82,3 +82,44 @@ async def test_a_refused_dead_letter_stays_pending_is_reported_and_goes_through_
     assert await raw.xlen("oona.kernels.ready") == 2
     assert not [p for p in client.problems() if "cannot commit" in p]
     await raw.aclose()
+
+
+@pytest.mark.parametrize("how", ["group destroyed", "stream deleted"])
+async def test_a_group_deleted_while_its_batch_is_handled_is_created_again_and_nothing_is_half_committed(
+    how: str, make_client: Callable[..., OonaClient], redis_client: aioredis.Redis
+) -> None:
+    client = make_client()
+    handled: list[str] = []
+    deleted, later = asyncio.Event(), asyncio.Event()
+
+    async def handler(message: OonaMessage) -> list[Reply]:
+        name = command_id(message)
+        handled.append(name)
+        if name == "first" and not deleted.is_set():  # someone deletes it, once, mid-batch
+            if how == "group destroyed":
+                await redis_client.xgroup_destroy(NORMAL, "g")
+            else:
+                await redis_client.delete(NORMAL)
+            deleted.set()
+        if name == "later":
+            later.set()
+        return [Reply(READY, pb.KernelArtifactReady(request_id=name))]
+
+    sub = client.subscribe(NORMAL, "g", handler, types={CMD}, ignore_types={STATE})
+    await sub.ensure_group()
+    # One batch: a handled entry (claim, reply, ack) and an ignored one (ack only).
+    await client.publish_command(command("first"))
+    await client.publish_state(pb.SystemStatePacket(timestamp_ns=1))
+    async with running(sub.run, "g") as ctx:
+        await asyncio.wait_for(deleted.wait(), 10)
+        await client.publish_command(command("later"))
+        await asyncio.wait_for(later.wait(), 10)
+        assert not ctx.stopping.is_set()
+    replies = [
+        pb.KernelArtifactReady.FromString(pb.BusEnvelope.FromString(fields[b"payload"]).payload).request_id
+        for _id, fields in await redis_client.xrange("oona.kernels.ready")
+    ]
+    # The refused commit wrote nothing; what was still in the stream came again and was answered once.
+    assert replies == (["first", "later"] if how == "group destroyed" else ["later"])
+    assert client.metrics_snapshot()[f"lost.{NORMAL}"] == 2
+    assert await pending(redis_client, NORMAL, "g") == 0

@@ -47,7 +47,8 @@ class OonaMetrics:
         )
         self.lost = Counter(
             "oona_lost",
-            "Entries another consumer took over before this one committed (its replies were dropped)",
+            "Entries another consumer took over, or whose group was deleted, before this one committed "
+            "(their replies were dropped)",
             ["stream"],
             registry=r,
         )

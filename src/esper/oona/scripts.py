@@ -31,7 +31,8 @@ from __future__ import annotations
 # commit of one entry is on every message's path. The ids in ARGV[2] are stream ids (digits and
 # one dash); everything binary stays an argument of its own.
 # Returns one letter per item: "o" ok, "d" dead, "r" replay or "l" lost (the entry is no longer
-# pending for this consumer: another consumer took it over, or it was acknowledged already).
+# pending for this consumer: another consumer took it over, or it was acknowledged already); fails
+# with NOGROUP, having written nothing, when the group or the stream is gone.
 COMMIT = r"""
 local stream, dlq = KEYS[1], KEYS[2]
 local group, consumer, ttl, cap, dlq_cap, source_name =
@@ -41,10 +42,13 @@ local nstreams, items = string.match(ARGV[2], '^(%d+)(.*)$')
 nstreams = tonumber(nstreams)
 local lone = not string.find(items, ' ', 2, true)
 
+-- Nothing is written unless the group still exists (this fails with NOGROUP if it, or the stream,
+-- was deleted after the read): a claim or reply may not outlive an acknowledgement that failed.
+redis.call('XPENDING', stream, group)
 -- Each write that may follow another must not fail halfway, so the types of the keys written are
 -- checked first. A lone item's first write (its replay claim, dead letter or first reply) needs
 -- no check: if it fails, nothing has been written; only its reply streams do. KEYS[1] is the
--- stream this consumer just read; XPENDING on it fails before any write anyway.
+-- stream just read, as a stream with this group (above).
 local last_checked = lone and (2 + nstreams) or #KEYS
 for i = lone and 3 or 2, last_checked do
   local want = (i <= 2 + nstreams) and 'stream' or 'string'

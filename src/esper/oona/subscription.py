@@ -116,6 +116,7 @@ class Subscription:
         self._queue: list[CommitItem] = []
         self._committing = False
         self._recover = True
+        self._group_gone = False
         self._backoff_s = config.reconnect_base_ms / 1000
         self._read = BlockingRead()
         self._deadline = HandlerDeadline(self.policy.handler_timeout_ms / 1000)
@@ -216,6 +217,9 @@ class Subscription:
         self._backoff_s = min(self._backoff_s * 2, self.link.config.reconnect_max_ms / 1000)
 
     async def _turn(self, ctx: WorkerContext) -> None:
+        if self._group_gone:
+            await self.ensure_group()
+            self._group_gone, self._recover = False, True
         if self._uncommitted and not await self._retry_uncommitted():
             await ctx.wait_stopping(self._backoff_s)
             self._backoff_s = min(self._backoff_s * 2, self.link.config.reconnect_max_ms / 1000)
@@ -374,6 +378,9 @@ class Subscription:
             statuses = await self.committer.commit(items)
         except REDIS_FAILURES as exc:
             honour_cancellation()
+            if "NOGROUP" in str(exc):
+                self._drop_orphans(items)
+                return False
             self._uncommitted.extend(items)
             self._commit_failed(exc)
             return False
@@ -381,6 +388,19 @@ class Subscription:
         self.takeover.release([item.entry_id for item in items])
         self._account(items, statuses)
         return True
+
+    def _drop_orphans(self, items: list[CommitItem]) -> None:
+        """The group (or the stream) was deleted after these entries were read: drop them.
+
+        No group holds them any more, so no commit can go through; the script wrote
+        nothing. The group is created again at the start of the freshness window
+        before the next read, so entries still in the stream come again.
+        """
+        self._group_gone = True
+        self.takeover.release([item.entry_id for item in items])
+        for _item in items:
+            self.link.metrics.on_lost(self.stream)
+        _log.warning("oona.group_gone", subscription=self.name, dropped=len(items))
 
     async def _retry_uncommitted(self) -> bool:
         items, self._uncommitted = self._uncommitted, []
