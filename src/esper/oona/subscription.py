@@ -163,14 +163,10 @@ class Subscription:
             except OversizedEntry as exc:
                 await self._refuse_unreadable(ctx, exc)
             except RedisError as exc:
-                if "NOGROUP" not in str(exc):
+                if _no_group(exc):
+                    self._group_gone = True  # the stream or the group was deleted: the next turn creates it
+                else:
                     await self._outage(ctx, exc)
-                    continue
-                self._recover = True  # the stream or the group was deleted: create it again
-                try:
-                    await self.ensure_group()
-                except REDIS_FAILURES as again:
-                    await self._outage(ctx, again)
             else:
                 self._recovered()
             ctx.progress()
@@ -217,7 +213,7 @@ class Subscription:
         self._backoff_s = min(self._backoff_s * 2, self.link.config.reconnect_max_ms / 1000)
 
     async def _turn(self, ctx: WorkerContext) -> None:
-        if self._group_gone:
+        if self._group_gone:  # deleted under a read or a commit: created again (its entries: recovered)
             await self.ensure_group()
             self._group_gone, self._recover = False, True
         if self._uncommitted and not await self._retry_uncommitted():
@@ -231,8 +227,7 @@ class Subscription:
             self._recover = False
         if takeover.retries:
             await self.process(ctx, await takeover.due_retries())
-        if takeover.until_next_claim_s() == 0:
-            await self.process(ctx, await takeover.stale())
+        await self.process(ctx, await takeover.stale())
         if len(takeover.retries) >= 4 * self.policy.batch:
             await ctx.wait_stopping(takeover.until_next_retry_s() or self.link.config.block_ms / 1000)
             return  # hold back new work until failing entries drain
@@ -378,7 +373,7 @@ class Subscription:
             statuses = await self.committer.commit(items)
         except REDIS_FAILURES as exc:
             honour_cancellation()
-            if "NOGROUP" in str(exc):
+            if _no_group(exc):
                 self._drop_orphans(items)
                 return False
             self._uncommitted.extend(items)
@@ -442,3 +437,8 @@ class Subscription:
                     metrics.on_published(reply.stream)
         if self._on_committed is not None:
             self._on_committed([item.entry_id for item in items])
+
+
+def _no_group(exc: BaseException) -> bool:
+    """Whether Redis refused because the group (or its whole stream) no longer exists."""
+    return "NOGROUP" in str(exc)
